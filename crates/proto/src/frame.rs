@@ -78,7 +78,12 @@ pub enum Frame {
     /// 0x01 client→server, first frame on a connection.
     Hello { version: u16, client_name: String },
     /// 0x02 server→client.
-    HelloOk { version: u16, node_id: u64, max_frame_bytes: u32, heartbeat_interval_ms: u32 },
+    HelloOk {
+        version: u16,
+        node_id: u64,
+        max_frame_bytes: u32,
+        heartbeat_interval_ms: u32,
+    },
     /// 0x10 client→server.
     OpenQueue {
         req_id: u32,
@@ -90,29 +95,56 @@ pub enum Frame {
         max_unconfirmed_bytes: u64,
     },
     /// 0x11 server→client.
-    OpenQueueOk { req_id: u32, queue_id: u32, partitions: u16 },
+    OpenQueueOk {
+        req_id: u32,
+        queue_id: u32,
+        partitions: u16,
+    },
     /// 0x12 client→server.
     CloseQueue { req_id: u32, queue_id: u32 },
     /// 0x13 server→client.
     CloseQueueOk { req_id: u32 },
     /// 0x14 client→server: change a consumer handle's flow control.
-    Configure { req_id: u32, queue_id: u32, max_unconfirmed_msgs: u32, max_unconfirmed_bytes: u64 },
+    Configure {
+        req_id: u32,
+        queue_id: u32,
+        max_unconfirmed_msgs: u32,
+        max_unconfirmed_bytes: u64,
+    },
     /// 0x15 server→client.
     ConfigureOk { req_id: u32 },
     /// 0x20 client→server: one or more messages.
-    Put { queue_id: u32, messages: Vec<PutMessage> },
+    Put {
+        queue_id: u32,
+        messages: Vec<PutMessage>,
+    },
     /// 0x21 server→client: one or more PUT outcomes (any order, each GUID exactly once).
     Ack { acks: Vec<AckEntry> },
     /// 0x30 server→client: one or more messages for a consumer handle.
-    Push { queue_id: u32, messages: Vec<PushMessage> },
+    Push {
+        queue_id: u32,
+        messages: Vec<PushMessage>,
+    },
     /// 0x31 client→server.
-    Confirm { queue_id: u32, messages: Vec<MessageRef> },
+    Confirm {
+        queue_id: u32,
+        messages: Vec<MessageRef>,
+    },
     /// 0x32 server→client: the committed outcome of CONFIRMs.
-    ConfirmAck { queue_id: u32, entries: Vec<ConfirmAckEntry> },
+    ConfirmAck {
+        queue_id: u32,
+        entries: Vec<ConfirmAckEntry>,
+    },
     /// 0x33 client→server.
-    Nack { queue_id: u32, entries: Vec<NackEntry> },
+    Nack {
+        queue_id: u32,
+        entries: Vec<NackEntry>,
+    },
     /// 0x34 client→server.
-    Extend { queue_id: u32, entries: Vec<ExtendEntry> },
+    Extend {
+        queue_id: u32,
+        entries: Vec<ExtendEntry>,
+    },
     /// 0x40 either direction.
     Heartbeat,
     /// 0x41 answer to Heartbeat.
@@ -124,10 +156,18 @@ pub enum Frame {
     /// 0x60 client→server: administrative request; `body` is a JSON object (see docs).
     AdminRequest { req_id: u32, body: Bytes },
     /// 0x61 server→client.
-    AdminResponse { req_id: u32, status: Status, body: Bytes },
+    AdminResponse {
+        req_id: u32,
+        status: Status,
+        body: Bytes,
+    },
     /// 0x7F server→client: a request failed (`req_id` != 0) or the connection is being
     /// closed because of a protocol error (`req_id` == 0).
-    Error { req_id: u32, status: Status, message: String },
+    Error {
+        req_id: u32,
+        status: Status,
+        message: String,
+    },
 }
 
 impl Frame {

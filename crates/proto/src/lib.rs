@@ -18,7 +18,9 @@ mod codec;
 mod frame;
 mod status;
 
-pub use codec::{FrameCodec, ProtoError, DEFAULT_MAX_FRAME_BYTES};
+pub use codec::{
+    encoded_len, put_message_encoded_len, FrameCodec, ProtoError, DEFAULT_MAX_FRAME_BYTES,
+};
 pub use frame::*;
 pub use status::Status;
 

@@ -1,0 +1,148 @@
+//! The metadata state machine: queue definitions, replicated through Raft group 0.
+//!
+//! Pure and deterministic like the queue state machine: commands are JSON (rare,
+//! small) and carry everything they need; the effective queue settings are resolved
+//! by the proposer, so every replica stores identical definitions.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tern_proto::admin::QueueSpec;
+
+/// Raft group id of the metadata group. Partition groups get ids from 1 up.
+pub const META_GROUP_ID: u64 = 0;
+
+/// One queue as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueDef {
+    pub name: String,
+    /// Effective settings: every field is `Some`.
+    pub spec: QueueSpec,
+    /// Partition p of this queue is Raft group `first_group_id + p`.
+    pub first_group_id: u64,
+    pub partitions: u16,
+    pub created_ms: u64,
+}
+
+impl QueueDef {
+    pub fn group_ids(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        (0..self.partitions).map(|p| (p, self.first_group_id + u64::from(p)))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+// Metadata commands are rare and short-lived; the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum MetaCommand {
+    CreateQueue { name: String, spec: QueueSpec, now_ms: u64 },
+    DeleteQueue { name: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaOutcome {
+    Created(QueueDef),
+    /// Create of a name that exists: the existing definition (same spec = idempotent success).
+    Exists(QueueDef),
+    Deleted(QueueDef),
+    NotFound,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetaState {
+    queues: BTreeMap<String, QueueDef>,
+    next_group_id: u64,
+}
+
+impl MetaState {
+    pub fn new() -> Self {
+        MetaState { queues: BTreeMap::new(), next_group_id: 1 }
+    }
+
+    pub fn apply(&mut self, cmd: &MetaCommand) -> MetaOutcome {
+        match cmd {
+            MetaCommand::CreateQueue { name, spec, now_ms } => {
+                if let Some(def) = self.queues.get(name) {
+                    return MetaOutcome::Exists(def.clone());
+                }
+                let partitions = spec.partitions.unwrap_or(1).max(1);
+                let def = QueueDef {
+                    name: name.clone(),
+                    spec: spec.clone(),
+                    first_group_id: self.next_group_id,
+                    partitions,
+                    created_ms: *now_ms,
+                };
+                // Group ids are never reused, so a deleted queue's files can't be mistaken for a new one's.
+                self.next_group_id += u64::from(partitions);
+                self.queues.insert(name.clone(), def.clone());
+                MetaOutcome::Created(def)
+            }
+            MetaCommand::DeleteQueue { name } => match self.queues.remove(name) {
+                Some(def) => MetaOutcome::Deleted(def),
+                None => MetaOutcome::NotFound,
+            },
+        }
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&QueueDef> {
+        self.queues.get(name)
+    }
+
+    pub fn queues(&self) -> impl Iterator<Item = &QueueDef> {
+        self.queues.values()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<MetaState, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Validates a queue name: 1..=200 chars of `[A-Za-z0-9._-]` (safe in paths, URLs and metrics).
+pub fn validate_queue_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(format!("queue name must be 1 to 200 characters, got {}", name.len()));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("queue name {name:?} has the character {c:?}; allowed: A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(p: u16) -> QueueSpec {
+        QueueSpec { partitions: Some(p), ..Default::default() }
+    }
+
+    #[test]
+    fn create_assigns_disjoint_group_ids_and_is_idempotent() {
+        let mut m = MetaState::new();
+        let a = m.apply(&MetaCommand::CreateQueue { name: "a".into(), spec: spec(3), now_ms: 1 });
+        let b = m.apply(&MetaCommand::CreateQueue { name: "b".into(), spec: spec(2), now_ms: 2 });
+        let (MetaOutcome::Created(a), MetaOutcome::Created(b)) = (a, b) else { panic!("not created") };
+        assert_eq!(a.first_group_id, 1);
+        assert_eq!(b.first_group_id, 4);
+        let again = m.apply(&MetaCommand::CreateQueue { name: "a".into(), spec: spec(3), now_ms: 3 });
+        assert!(matches!(again, MetaOutcome::Exists(d) if d == a));
+        assert!(matches!(m.apply(&MetaCommand::DeleteQueue { name: "a".into() }), MetaOutcome::Deleted(_)));
+        assert_eq!(m.apply(&MetaCommand::DeleteQueue { name: "a".into() }), MetaOutcome::NotFound);
+        let c = m.apply(&MetaCommand::CreateQueue { name: "a".into(), spec: spec(1), now_ms: 4 });
+        assert!(matches!(c, MetaOutcome::Created(d) if d.first_group_id == 6));
+        let restored = MetaState::decode(&m.encode()).expect("decode");
+        assert_eq!(restored, m);
+    }
+
+    #[test]
+    fn queue_names_are_checked() {
+        assert!(validate_queue_name("orders.v1-eu_2").is_ok());
+        assert!(validate_queue_name("").is_err());
+        assert!(validate_queue_name("a/b").is_err());
+        assert!(validate_queue_name(&"x".repeat(201)).is_err());
+    }
+}

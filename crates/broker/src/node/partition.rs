@@ -1,0 +1,646 @@
+//! One partition on this node: its Raft group, its replicated queue state, its
+//! leader-local dispatcher, and the PUTs/CONFIRMs waiting to become one entry.
+//!
+//! Runs only on the node-loop thread. The path of one PUT through this file:
+//! `enqueue_puts` (batched) → `flush` (one Raft entry per batch) → the group's
+//! `handle_ready` appends and fsyncs → `apply_ready` applies the committed entry to
+//! the state machine and sends each producer its ACK → `dispatch` PUSHes it.
+
+use super::{now_ms, ConnTx};
+use crate::metrics::{Metrics, PartitionLabels, QueueLabels, StatusLabels};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_proto::admin::{PartitionInfo, QueueSpec};
+use tern_proto::{AckEntry, ConfirmAckEntry, Frame, Guid, PushMessage, Status, ACK_DURABLE};
+use tern_queue::{
+    Applied, Command, ConfirmOutcome, ConsumerId, Delivery, Dispatcher, FlowLimits, PartitionState, PutOutcome,
+    QueueConfig,
+};
+use tern_replication::{Group, GroupConfig, ReadyOutput, ReplicationError};
+
+/// Most PUSHes produced per partition per round (bounds a round's latency).
+const MAX_PUSH_PER_ROUND: usize = 4096;
+
+/// Settings of the partition's state machine, derived from the queue's effective spec.
+pub struct PartitionLimits {
+    pub config: QueueConfig,
+}
+
+impl PartitionLimits {
+    pub fn from_spec(spec: &QueueSpec) -> Self {
+        let mut config = QueueConfig::default();
+        if let Some(v) = spec.max_messages {
+            config.max_messages = v;
+        }
+        if let Some(v) = spec.max_bytes {
+            config.max_bytes = v;
+        }
+        if let Some(v) = spec.max_message_bytes {
+            config.max_message_bytes = v;
+        }
+        if let Some(v) = spec.dedup_window_ms {
+            config.dedup_window_ms = v;
+        }
+        PartitionLimits { config }
+    }
+}
+
+/// A run of consecutive messages in a batch that came from one connection.
+#[derive(Clone)]
+struct Origin {
+    conn: ConnTx,
+    count: usize,
+    received: Instant,
+}
+
+#[derive(Default)]
+struct PutBatch {
+    msgs: Vec<tern_queue::PutMessage>,
+    origins: Vec<Origin>,
+    bytes: u64,
+}
+
+struct ConfirmOrigin {
+    conn: ConnTx,
+    handle_id: u32,
+    count: usize,
+}
+
+#[derive(Default)]
+struct ConfirmBatch {
+    guids: Vec<Guid>,
+    origins: Vec<ConfirmOrigin>,
+}
+
+enum PendingKind {
+    /// Keeps the messages so a proposal lost to a leader change can be proposed again.
+    Puts { batch: PutBatch },
+    Confirms { batch: ConfirmBatch },
+    Purge { id: u64 },
+}
+
+struct Pending {
+    term: u64,
+    kind: PendingKind,
+}
+
+/// What applying one Ready produced for the node.
+#[derive(Default)]
+pub struct ApplyResult {
+    /// Payload bytes of PUTs answered (released from the server-wide bound).
+    pub answered_bytes: u64,
+    /// Purges that completed: (purge id, messages removed).
+    pub purged: Vec<(u64, u64)>,
+}
+
+pub struct Partition {
+    pub queue: Arc<str>,
+    pub index: u16,
+    pub group: Group,
+    state: PartitionState,
+    dispatcher: Dispatcher,
+    batch: PutBatch,
+    confirms: ConfirmBatch,
+    pending: BTreeMap<u64, Pending>,
+    /// PUT batches waiting for a leader, with the time they were parked.
+    parked: VecDeque<(PutBatch, Instant)>,
+    log_bytes_at_snapshot: u64,
+    /// The last entry read to PUSH from: batch entries hold many messages in a row.
+    read_cache: Option<(u64, Bytes)>,
+    /// Set when something may have become deliverable.
+    dispatch_dirty: bool,
+}
+
+impl Partition {
+    pub fn open(queue: Arc<str>, index: u16, gcfg: &GroupConfig, limits: PartitionLimits) -> Result<Self, ReplicationError> {
+        let (mut group, snapshot) = Group::open(gcfg)?;
+        let state = match snapshot {
+            Some(bytes) => PartitionState::restore(&bytes).map_err(|e| ReplicationError::CorruptState {
+                path: gcfg.dir.join("snapshot"),
+                reason: e.to_string(),
+            })?,
+            None => PartitionState::new(limits.config.clone()),
+        };
+        let mut state = state;
+        state.set_config(limits.config);
+        group.campaign_if_sole_voter()?;
+        let log_bytes_at_snapshot = group.log_disk_bytes();
+        let mut dispatcher = Dispatcher::new();
+        dispatcher.rebuild(&state);
+        Ok(Partition {
+            queue,
+            index,
+            group,
+            state,
+            dispatcher,
+            batch: PutBatch::default(),
+            confirms: ConfirmBatch::default(),
+            pending: BTreeMap::new(),
+            parked: VecDeque::new(),
+            log_bytes_at_snapshot,
+            read_cache: None,
+            dispatch_dirty: true,
+        })
+    }
+
+    // ----- consumers -------------------------------------------------------------
+
+    pub fn add_consumer(&mut self, id: ConsumerId, limits: FlowLimits) {
+        self.dispatcher.add_consumer(id, limits);
+        self.dispatch_dirty = true;
+    }
+
+    pub fn remove_consumer(&mut self, id: ConsumerId) {
+        self.dispatcher.remove_consumer(id);
+        self.dispatch_dirty = true;
+    }
+
+    pub fn set_consumer_limits(&mut self, id: ConsumerId, limits: FlowLimits) {
+        self.dispatcher.set_limits(id, limits);
+        self.dispatch_dirty = true;
+    }
+
+    pub fn nack(&mut self, consumer: ConsumerId, guid: Guid) {
+        // Until NACK-with-delay lands, a NACK returns the message for immediate redelivery:
+        // the same effect as the consumer letting it go.
+        if self.dispatcher.check_confirm(consumer, &guid).is_ok() {
+            self.dispatcher.release(consumer, &guid);
+            self.dispatch_dirty = true;
+        }
+    }
+
+    // ----- PUT and CONFIRM batching ---------------------------------------------
+
+    pub fn enqueue_puts(&mut self, conn: ConnTx, messages: Vec<tern_proto::PutMessage>, received: Instant) {
+        let count = messages.len();
+        for m in messages {
+            self.batch.bytes += m.payload.len() as u64;
+            self.batch.msgs.push(tern_queue::PutMessage { guid: m.guid, ttl_ms: m.ttl_ms, key: m.key, payload: m.payload });
+        }
+        self.batch.origins.push(Origin { conn, count, received });
+    }
+
+    /// Queues CONFIRMs checked against the dispatcher; returns GUIDs this consumer does not hold.
+    pub fn enqueue_confirms(&mut self, conn: &ConnTx, handle_id: u32, consumer: ConsumerId, guids: Vec<Guid>) -> Vec<Guid> {
+        let mut rejected = Vec::new();
+        let mut count = 0;
+        for g in guids {
+            if self.dispatcher.check_confirm(consumer, &g).is_ok() {
+                self.confirms.guids.push(g);
+                count += 1;
+            } else {
+                rejected.push(g);
+            }
+        }
+        if count > 0 {
+            self.confirms.origins.push(ConfirmOrigin { conn: conn.clone(), handle_id, count });
+        }
+        rejected
+    }
+
+    /// Turns the round's batches into Raft proposals: one entry per `max_entry_bytes` of PUTs.
+    pub fn flush(&mut self, max_entry_bytes: u64, metrics: &Metrics) {
+        if !self.group.is_leader() {
+            if !self.batch.msgs.is_empty() {
+                self.parked.push_back((std::mem::take(&mut self.batch), Instant::now()));
+            }
+            // CONFIRMs need the leader's dispatcher; a non-leader has none to check against.
+            self.confirms = ConfirmBatch::default();
+            return;
+        }
+        while let Some((batch, _)) = self.parked.pop_front() {
+            self.propose_puts(batch, max_entry_bytes, metrics);
+        }
+        let batch = std::mem::take(&mut self.batch);
+        if !batch.msgs.is_empty() {
+            self.propose_puts(batch, max_entry_bytes, metrics);
+        }
+        let confirms = std::mem::take(&mut self.confirms);
+        if !confirms.guids.is_empty() {
+            let cmd = Command::Confirm { now_ms: now_ms(), subscription: String::new(), guids: confirms.guids.clone() };
+            match self.group.propose(cmd.encode()) {
+                Ok((index, term)) => {
+                    metrics.entries_proposed.inc();
+                    self.pending.insert(index, Pending { term, kind: PendingKind::Confirms { batch: confirms } });
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, "confirm proposal failed: {e}");
+                    answer_confirms_failed(confirms, Status::Unavailable);
+                }
+            }
+        }
+    }
+
+    fn propose_puts(&mut self, batch: PutBatch, max_entry_bytes: u64, metrics: &Metrics) {
+        for chunk in split_batch(batch, max_entry_bytes) {
+            let cmd = Command::Put { now_ms: now_ms(), messages: chunk.msgs.clone() };
+            match self.group.propose(cmd.encode()) {
+                Ok((index, term)) => {
+                    metrics.entries_proposed.inc();
+                    self.pending.insert(index, Pending { term, kind: PendingKind::Puts { batch: chunk } });
+                }
+                Err(ReplicationError::NotLeader { .. }) => self.parked.push_back((chunk, Instant::now())),
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, "put proposal refused: {e}");
+                    answer_puts_failed(&self.queue, chunk, Status::Overloaded, metrics);
+                }
+            }
+        }
+    }
+
+    pub fn propose_purge(&mut self, id: u64) -> Result<(), ReplicationError> {
+        let (index, term) = self.group.propose(Command::Purge { now_ms: now_ms() }.encode())?;
+        self.pending.insert(index, Pending { term, kind: PendingKind::Purge { id } });
+        Ok(())
+    }
+
+    /// Answers parked PUTs older than `bound` with `timeout` (outcome unknown to the client,
+    /// which may retry with the same GUID). Returns the payload bytes released.
+    pub fn expire_parked(&mut self, bound: Duration) -> u64 {
+        let mut released = 0;
+        while let Some((_, since)) = self.parked.front() {
+            if since.elapsed() < bound {
+                break;
+            }
+            if let Some((batch, _)) = self.parked.pop_front() {
+                released += batch.bytes;
+                for o in batch.origins.iter() {
+                    let _ = o;
+                }
+                answer_batch(&batch, |_| Status::Timeout);
+            }
+        }
+        released
+    }
+
+    // ----- apply -----------------------------------------------------------------
+
+    /// Applies a Ready's committed entries and answers the proposals they complete.
+    pub fn apply_ready(
+        &mut self,
+        out: ReadyOutput,
+        metrics: &Metrics,
+    ) -> ApplyResult {
+        let mut result = ApplyResult::default();
+        for entry in out.committed {
+            if entry.data.is_empty() {
+                continue; // a new leader's empty entry
+            }
+            let applied = match Command::decode(&entry.data) {
+                Ok(cmd) => self.state.apply(entry.index, &cmd),
+                Err(e) => {
+                    // Entries are checksummed on disk; an undecodable one is a bug, not bit rot.
+                    tracing::error!(queue = %self.queue, index = entry.index, "undecodable entry skipped: {e}");
+                    continue;
+                }
+            };
+            if self.group.is_leader() {
+                self.dispatcher.on_applied(&self.state, &applied);
+                self.dispatch_dirty = true;
+            }
+            if let Some(p) = self.pending.remove(&entry.index) {
+                if p.term == entry.term {
+                    self.answer(p.kind, &applied, metrics, &mut result);
+                } else {
+                    self.reproposal(p.kind, &mut result);
+                }
+            }
+        }
+        if let Some((role, _leader)) = out.role_change {
+            if role == tern_replication::StateRole::Leader {
+                // A new leader treats every unsettled message as available (at-least-once).
+                self.dispatcher.rebuild(&self.state);
+                self.dispatch_dirty = true;
+            }
+        }
+        result
+    }
+
+    fn answer(&mut self, kind: PendingKind, applied: &Applied, metrics: &Metrics, result: &mut ApplyResult) {
+        match (kind, applied) {
+            (PendingKind::Puts { batch }, Applied::Put(outcomes)) => {
+                result.answered_bytes += batch.bytes;
+                debug_assert_eq!(outcomes.len(), batch.msgs.len());
+                let statuses: HashMap<Guid, Status> = outcomes.iter().map(|(g, o)| (*g, put_status(o))).collect();
+                for o in &batch.origins {
+                    metrics.ack_latency.observe(o.received.elapsed().as_secs_f64());
+                }
+                self.count_acks(&batch, &statuses, metrics);
+                answer_batch(&batch, |g| statuses.get(g).copied().unwrap_or(Status::Internal));
+            }
+            (PendingKind::Confirms { batch }, Applied::Confirm(outcomes)) => {
+                let settled = outcomes.iter().filter(|(_, o)| matches!(o, ConfirmOutcome::Settled)).count();
+                metrics.confirms.get_or_create(&QueueLabels { queue: self.queue.to_string() }).inc_by(settled as u64);
+                let statuses: HashMap<Guid, Status> = outcomes
+                    .iter()
+                    .map(|(g, o)| (*g, if matches!(o, ConfirmOutcome::Settled) { Status::Ok } else { Status::UnknownMessage }))
+                    .collect();
+                answer_confirms(batch, |g| statuses.get(g).copied().unwrap_or(Status::Internal));
+            }
+            (PendingKind::Purge { id }, Applied::Purge { removed }) => result.purged.push((id, *removed)),
+            (kind, _) => {
+                // The entry at our index is a different command: our proposal was replaced.
+                tracing::error!(queue = %self.queue, "applied entry does not match its proposal");
+                self.reproposal(kind, result);
+            }
+        }
+    }
+
+    /// A proposal was overwritten by another leader's entry: it never committed, so it is
+    /// safe to propose again (same GUIDs; the dedup history covers any doubt).
+    fn reproposal(&mut self, kind: PendingKind, result: &mut ApplyResult) {
+        match kind {
+            PendingKind::Puts { batch } => self.parked.push_back((batch, Instant::now())),
+            PendingKind::Confirms { batch } => answer_confirms_failed(batch, Status::Unavailable),
+            PendingKind::Purge { id } => result.purged.push((id, 0)),
+        }
+    }
+
+    fn count_acks(&self, batch: &PutBatch, statuses: &HashMap<Guid, Status>, metrics: &Metrics) {
+        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for m in &batch.msgs {
+            let s = statuses.get(&m.guid).copied().unwrap_or(Status::Internal);
+            *counts.entry(s.name()).or_default() += 1;
+        }
+        for (status, n) in counts {
+            metrics
+                .acks
+                .get_or_create(&StatusLabels { queue: self.queue.to_string(), status: status.to_string() })
+                .inc_by(n);
+        }
+    }
+
+    // ----- delivery --------------------------------------------------------------
+
+    /// PUSHes what the dispatcher hands out, reading payloads from the log.
+    pub fn dispatch(&mut self, consumers: &HashMap<ConsumerId, (ConnTx, u32)>, metrics: &Metrics) -> Result<(), ReplicationError> {
+        if !self.dispatch_dirty || !self.group.is_leader() {
+            return Ok(());
+        }
+        self.dispatch_dirty = false;
+        let deliveries = self.dispatcher.poll(&self.state, now_ms(), MAX_PUSH_PER_ROUND);
+        if deliveries.len() == MAX_PUSH_PER_ROUND {
+            self.dispatch_dirty = true; // more may be waiting: continue next round
+        }
+        let mut frames: BTreeMap<ConsumerId, Vec<PushMessage>> = BTreeMap::new();
+        for d in deliveries {
+            let payload = self.payload(&d)?;
+            frames.entry(d.consumer).or_default().push(PushMessage {
+                guid: d.guid,
+                partition: self.index,
+                attempt: d.attempt,
+                payload,
+            });
+        }
+        for (consumer, messages) in frames {
+            match consumers.get(&consumer) {
+                Some((conn, handle_id)) => {
+                    metrics.pushes.get_or_create(&QueueLabels { queue: self.queue.to_string() }).inc_by(messages.len() as u64);
+                    conn.send(Frame::Push { queue_id: *handle_id, messages });
+                }
+                None => {
+                    // The consumer left between poll and send: give its messages back.
+                    self.dispatcher.remove_consumer(consumer);
+                    self.dispatch_dirty = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn payload(&mut self, d: &Delivery) -> Result<Bytes, ReplicationError> {
+        let loc = d.location;
+        let data = match &self.read_cache {
+            Some((index, data)) if *index == loc.index => data.clone(),
+            _ => {
+                let data = self.group.entry_data(loc.index)?;
+                self.read_cache = Some((loc.index, data.clone()));
+                data
+            }
+        };
+        let start = loc.offset as usize;
+        let end = start + loc.len as usize;
+        if end > data.len() {
+            return Err(ReplicationError::CorruptState {
+                path: Default::default(),
+                reason: format!("payload location {loc:?} outside entry of {} bytes", data.len()),
+            });
+        }
+        Ok(data.slice(start..end))
+    }
+
+    // ----- snapshots and status --------------------------------------------------
+
+    pub fn maybe_snapshot(&mut self, interval_bytes: u64) -> Result<(), ReplicationError> {
+        if self.group.log_disk_bytes() >= self.log_bytes_at_snapshot + interval_bytes {
+            self.snapshot_now()?;
+        }
+        Ok(())
+    }
+
+    /// Snapshots the state machine at the applied index and releases settled segments.
+    pub fn snapshot_now(&mut self) -> Result<(), ReplicationError> {
+        let applied = self.group.applied_index();
+        if applied == 0 || applied == self.group.snapshot_index() {
+            return Ok(());
+        }
+        let keep_from = self.state.min_live_index().unwrap_or(applied + 1);
+        let released = self.group.compact(self.state.snapshot(), keep_from)?;
+        self.read_cache = None;
+        self.log_bytes_at_snapshot = self.group.log_disk_bytes();
+        tracing::debug!(queue = %self.queue, partition = self.index, applied, released, "snapshot taken");
+        Ok(())
+    }
+
+    pub fn info(&self, now_ms: u64) -> PartitionInfo {
+        let stats = self.state.stats();
+        let status = self.group.status();
+        PartitionInfo {
+            partition: self.index,
+            leader: (status.leader_id != 0).then_some(status.leader_id),
+            depth: stats.depth,
+            bytes: stats.bytes,
+            in_flight: self.dispatcher.inflight() as u64,
+            oldest_age_ms: stats.oldest_enqueued_ms.map(|t| now_ms.saturating_sub(t)),
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+            log_first_index: status.log_first_index,
+            log_disk_bytes: status.log_disk_bytes,
+            puts_enqueued: stats.puts_enqueued,
+            puts_duplicate: stats.puts_duplicate,
+            puts_rejected: stats.puts_rejected,
+            confirms: stats.confirms,
+            purged: stats.purged,
+        }
+    }
+
+    /// PUT messages accepted here and not yet answered.
+    pub fn outstanding_puts(&self) -> usize {
+        let pending: usize = self
+            .pending
+            .values()
+            .map(|p| match &p.kind {
+                PendingKind::Puts { batch } => batch.msgs.len(),
+                _ => 0,
+            })
+            .sum();
+        let parked: usize = self.parked.iter().map(|(b, _)| b.msgs.len()).sum();
+        self.batch.msgs.len() + pending + parked
+    }
+
+    pub fn update_gauges(&self, metrics: &Metrics) {
+        let labels = PartitionLabels { queue: self.queue.to_string(), partition: self.index.to_string() };
+        let stats = self.state.stats();
+        metrics.depth.get_or_create(&labels).set(stats.depth as i64);
+        metrics.queue_bytes.get_or_create(&labels).set(stats.bytes as i64);
+        metrics.in_flight.get_or_create(&labels).set(self.dispatcher.inflight() as i64);
+        metrics.consumers.get_or_create(&labels).set(self.dispatcher.consumer_count() as i64);
+        metrics.log_disk_bytes.get_or_create(&labels).set(self.group.log_disk_bytes() as i64);
+    }
+
+    /// The queue is being deleted: answer everything still waiting. Returns PUT bytes released.
+    pub fn fail_all(mut self, status: Status) -> u64 {
+        let mut released = 0;
+        let mut batches: Vec<PutBatch> = self.parked.drain(..).map(|(b, _)| b).collect();
+        batches.push(std::mem::take(&mut self.batch));
+        for (_, p) in std::mem::take(&mut self.pending) {
+            match p.kind {
+                PendingKind::Puts { batch } => batches.push(batch),
+                PendingKind::Confirms { batch } => answer_confirms_failed(batch, status),
+                PendingKind::Purge { .. } => {}
+            }
+        }
+        for b in batches {
+            released += b.bytes;
+            answer_batch(&b, |_| status);
+        }
+        released
+    }
+}
+
+fn put_status(o: &PutOutcome) -> Status {
+    match o {
+        PutOutcome::Enqueued { .. } => Status::Ok,
+        PutOutcome::Duplicate { original } => original_status(original),
+        PutOutcome::QuotaExceeded => Status::QuotaExceeded,
+        PutOutcome::TooLarge => Status::MessageTooLarge,
+    }
+}
+
+fn original_status(o: &tern_queue::OriginalOutcome) -> Status {
+    match o {
+        tern_queue::OriginalOutcome::Enqueued => Status::Ok,
+        tern_queue::OriginalOutcome::QuotaExceeded => Status::QuotaExceeded,
+        tern_queue::OriginalOutcome::TooLarge => Status::MessageTooLarge,
+    }
+}
+
+/// Sends every origin of a batch its ACKs, with the status `status_of` gives each GUID.
+fn answer_batch(batch: &PutBatch, status_of: impl Fn(&Guid) -> Status) {
+    let mut msgs = batch.msgs.iter();
+    for o in &batch.origins {
+        let acks: Vec<AckEntry> = msgs
+            .by_ref()
+            .take(o.count)
+            .map(|m| {
+                let status = status_of(&m.guid);
+                let flags = if status == Status::Ok { ACK_DURABLE } else { 0 };
+                AckEntry { guid: m.guid, status, flags }
+            })
+            .collect();
+        o.conn.send(Frame::Ack { acks });
+    }
+}
+
+fn answer_puts_failed(queue: &str, batch: PutBatch, status: Status, metrics: &Metrics) {
+    metrics
+        .acks
+        .get_or_create(&StatusLabels { queue: queue.to_string(), status: status.name().to_string() })
+        .inc_by(batch.msgs.len() as u64);
+    answer_batch(&batch, |_| status);
+}
+
+fn answer_confirms(batch: ConfirmBatch, status_of: impl Fn(&Guid) -> Status) {
+    let mut guids = batch.guids.iter();
+    for o in &batch.origins {
+        let entries: Vec<ConfirmAckEntry> =
+            guids.by_ref().take(o.count).map(|g| ConfirmAckEntry { guid: *g, status: status_of(g) }).collect();
+        o.conn.send(Frame::ConfirmAck { queue_id: o.handle_id, entries });
+    }
+}
+
+fn answer_confirms_failed(batch: ConfirmBatch, status: Status) {
+    answer_confirms(batch, |_| status);
+}
+
+/// Splits a batch into chunks of at most `max_bytes` of payload (at least one message
+/// each), splitting origin runs where a chunk boundary falls inside one.
+fn split_batch(batch: PutBatch, max_bytes: u64) -> Vec<PutBatch> {
+    if batch.bytes <= max_bytes {
+        return vec![batch];
+    }
+    let mut out = Vec::new();
+    let mut cur = PutBatch::default();
+    let mut origins = batch.origins.into_iter();
+    let mut origin = origins.next();
+    let mut left_in_origin = origin.as_ref().map_or(0, |o| o.count);
+    for m in batch.msgs {
+        let size = m.payload.len() as u64;
+        if !cur.msgs.is_empty() && cur.bytes + size > max_bytes {
+            out.push(std::mem::take(&mut cur));
+        }
+        while left_in_origin == 0 {
+            origin = origins.next();
+            left_in_origin = origin.as_ref().map_or(usize::MAX, |o| o.count);
+        }
+        if let Some(o) = &origin {
+            match cur.origins.last_mut() {
+                Some(last) if last.conn.id == o.conn.id && last.received == o.received => last.count += 1,
+                _ => cur.origins.push(Origin { conn: o.conn.clone(), count: 1, received: o.received }),
+            }
+        }
+        left_in_origin -= 1;
+        cur.bytes += size;
+        cur.msgs.push(m);
+    }
+    if !cur.msgs.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: u8, size: usize) -> tern_queue::PutMessage {
+        tern_queue::PutMessage { guid: [i; 16], ttl_ms: 0, key: Bytes::new(), payload: Bytes::from(vec![0u8; size]) }
+    }
+
+    #[test]
+    fn split_batch_keeps_every_message_with_its_origin() {
+        let (tx1, _r1) = flume::unbounded();
+        let (tx2, _r2) = flume::unbounded();
+        let now = Instant::now();
+        let a = ConnTx { id: 1, tx: tx1 };
+        let b = ConnTx { id: 2, tx: tx2 };
+        let batch = PutBatch {
+            msgs: (0..10).map(|i| msg(i, 100)).collect(),
+            origins: vec![Origin { conn: a, count: 3, received: now }, Origin { conn: b, count: 7, received: now }],
+            bytes: 1000,
+        };
+        let chunks = split_batch(batch, 250);
+        assert_eq!(chunks.len(), 5);
+        let total: usize = chunks.iter().map(|c| c.msgs.len()).sum();
+        assert_eq!(total, 10);
+        for c in &chunks {
+            assert!(c.bytes <= 250);
+            assert_eq!(c.origins.iter().map(|o| o.count).sum::<usize>(), c.msgs.len());
+        }
+        let owners: Vec<u64> =
+            chunks.iter().flat_map(|c| c.origins.iter().flat_map(|o| std::iter::repeat_n(o.conn.id, o.count))).collect();
+        assert_eq!(owners, vec![1, 1, 1, 2, 2, 2, 2, 2, 2, 2]);
+    }
+}

@@ -1,0 +1,285 @@
+//! Protocol-level tests against a real broker (real sockets, real files, real fsync),
+//! speaking raw frames: the contract of `docs/protocol.md` and hostile input.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use std::time::Duration;
+use tern_broker::{Broker, BrokerConfig};
+use tern_proto::{
+    Frame, FrameCodec, MessageRef, PutMessage, Status, OPEN_CONSUMER, OPEN_PRODUCER, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(dir: &std::path::Path) -> BrokerConfig {
+    BrokerConfig {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        http_listen: "127.0.0.1:0".parse().expect("addr"),
+        peer_listen: "127.0.0.1:0".parse().expect("addr"),
+        min_free_disk_bytes: 0,
+        ..BrokerConfig::default()
+    }
+}
+
+type Conn = Framed<TcpStream, FrameCodec>;
+
+async fn connect(broker: &Broker) -> Conn {
+    let stream = TcpStream::connect(broker.client_addr).await.expect("connect");
+    let mut conn = Framed::new(stream, FrameCodec::new(tern_proto::DEFAULT_MAX_FRAME_BYTES));
+    conn.send(Frame::Hello { version: PROTOCOL_VERSION, client_name: "test".into() }).await.expect("hello");
+    match next(&mut conn).await {
+        Frame::HelloOk { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
+    conn
+}
+
+/// The next frame that is not a heartbeat.
+async fn next(conn: &mut Conn) -> Frame {
+    loop {
+        let frame = tokio::time::timeout(WAIT, conn.next()).await.expect("timed out").expect("closed").expect("decode");
+        if frame != Frame::Heartbeat {
+            return frame;
+        }
+    }
+}
+
+async fn open(conn: &mut Conn, queue: &str, flags: u8) -> u32 {
+    conn.send(Frame::OpenQueue {
+        req_id: 7,
+        queue: queue.into(),
+        subscription: String::new(),
+        flags,
+        max_unconfirmed_msgs: 1000,
+        max_unconfirmed_bytes: 1 << 30,
+    })
+    .await
+    .expect("send open");
+    match next(conn).await {
+        Frame::OpenQueueOk { req_id: 7, queue_id, .. } => queue_id,
+        other => panic!("expected OpenQueueOk, got {other:?}"),
+    }
+}
+
+fn msg(i: u32) -> PutMessage {
+    let mut guid = [0u8; 16];
+    guid[..4].copy_from_slice(&i.to_be_bytes());
+    guid[15] = 0xEE;
+    PutMessage { guid, ttl_ms: 0, key: Bytes::new(), payload: Bytes::from(format!("message-{i}")) }
+}
+
+async fn put_all(conn: &mut Conn, handle: u32, range: std::ops::Range<u32>) -> Vec<(tern_proto::Guid, Status)> {
+    let messages: Vec<PutMessage> = range.clone().map(msg).collect();
+    conn.send(Frame::Put { queue_id: handle, messages }).await.expect("put");
+    let mut acks = Vec::new();
+    while acks.len() < range.len() {
+        match next(conn).await {
+            Frame::Ack { acks: a } => acks.extend(a.into_iter().map(|a| (a.guid, a.status))),
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    }
+    acks
+}
+
+async fn drain(conn: &mut Conn, handle: u32, n: usize) -> Vec<tern_proto::PushMessage> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match next(conn).await {
+            Frame::Push { queue_id, messages } => {
+                assert_eq!(queue_id, handle);
+                got.extend(messages);
+            }
+            other => panic!("expected Push, got {other:?}"),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_ack_push_confirm_round_trip_and_survives_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(config(dir.path())).await.expect("start");
+    let mut p = connect(&broker).await;
+    let h = open(&mut p, "orders", OPEN_PRODUCER).await;
+    let acks = put_all(&mut p, h, 0..100).await;
+    assert!(acks.iter().all(|(_, s)| *s == Status::Ok), "{acks:?}");
+
+    // A retransmission with the same GUIDs is answered with the original outcome, not enqueued again.
+    let again = put_all(&mut p, h, 0..10).await;
+    assert!(again.iter().all(|(_, s)| *s == Status::Ok));
+
+    // Consume half, confirm them; then restart and find exactly the other half.
+    let mut c = connect(&broker).await;
+    let ch = open(&mut c, "orders", OPEN_CONSUMER).await;
+    let pushed = drain(&mut c, ch, 100).await;
+    let payloads: Vec<String> = pushed.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+    let expected: Vec<String> = (0..100).map(|i| format!("message-{i}")).collect();
+    assert_eq!(payloads, expected, "first deliveries follow commit order, no duplicates");
+    let refs: Vec<MessageRef> = pushed[..50].iter().map(|m| MessageRef { guid: m.guid, partition: m.partition }).collect();
+    c.send(Frame::Confirm { queue_id: ch, messages: refs }).await.expect("confirm");
+    let mut confirmed = 0;
+    while confirmed < 50 {
+        match next(&mut c).await {
+            Frame::ConfirmAck { entries, .. } => {
+                assert!(entries.iter().all(|e| e.status == Status::Ok));
+                confirmed += entries.len();
+            }
+            other => panic!("expected ConfirmAck, got {other:?}"),
+        }
+    }
+    drop((p, c));
+    broker.stop().await.expect("stop");
+
+    let broker = Broker::start(config(dir.path())).await.expect("restart");
+    let mut c = connect(&broker).await;
+    let ch = open(&mut c, "orders", OPEN_CONSUMER).await;
+    let pushed = drain(&mut c, ch, 50).await;
+    let payloads: Vec<String> = pushed.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+    let expected: Vec<String> = (50..100).map(|i| format!("message-{i}")).collect();
+    assert_eq!(payloads, expected);
+    // Nothing more arrives.
+    assert!(tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            if let Some(Ok(Frame::Push { .. })) = c.next().await {
+                break;
+            }
+        }
+    })
+    .await
+    .is_err());
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_consumer_gives_messages_back_with_attempt_raised() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(config(dir.path())).await.expect("start");
+    let mut p = connect(&broker).await;
+    let h = open(&mut p, "jobs", OPEN_PRODUCER).await;
+    put_all(&mut p, h, 0..5).await;
+    let mut c1 = connect(&broker).await;
+    let h1 = open(&mut c1, "jobs", OPEN_CONSUMER).await;
+    let first = drain(&mut c1, h1, 5).await;
+    assert!(first.iter().all(|m| m.attempt == 1));
+    drop(c1); // killed mid-stream, nothing confirmed
+    let mut c2 = connect(&broker).await;
+    let h2 = open(&mut c2, "jobs", OPEN_CONSUMER).await;
+    let second = drain(&mut c2, h2, 5).await;
+    let mut guids: Vec<_> = second.iter().map(|m| m.guid).collect();
+    guids.sort();
+    let mut expected: Vec<_> = first.iter().map(|m| m.guid).collect();
+    expected.sort();
+    assert_eq!(guids, expected);
+    assert!(second.iter().all(|m| m.attempt == 2), "{second:?}");
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_closes_only_that_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(config(dir.path())).await.expect("start");
+    let mut good = connect(&broker).await;
+    let h = open(&mut good, "q", OPEN_PRODUCER).await;
+
+    // 1. Garbage instead of a Hello.
+    let mut raw = TcpStream::connect(broker.client_addr).await.expect("connect");
+    raw.write_all(&[0, 0, 0, 5, 0x99, 1, 2, 3, 4]).await.expect("write");
+    expect_error_then_close(&mut raw).await;
+
+    // 2. A length header far beyond the limit: rejected before the body is read.
+    let mut raw = TcpStream::connect(broker.client_addr).await.expect("connect");
+    let mut buf = BytesMut::new();
+    buf.put_u32(0xFFFF_FFF0);
+    raw.write_all(&buf).await.expect("write");
+    expect_error_then_close(&mut raw).await;
+
+    // 3. Wrong protocol version.
+    let stream = TcpStream::connect(broker.client_addr).await.expect("connect");
+    let mut conn = Framed::new(stream, FrameCodec::new(1 << 20));
+    conn.send(Frame::Hello { version: 999, client_name: "old".into() }).await.expect("hello");
+    match next(&mut conn).await {
+        Frame::Error { status, .. } => assert_eq!(status, Status::UnsupportedVersion),
+        other => panic!("expected Error, got {other:?}"),
+    }
+
+    // 4. PUT on a handle that was never opened: an ACK with a clear status, connection lives.
+    let mut c = connect(&broker).await;
+    c.send(Frame::Put { queue_id: 4242, messages: vec![msg(1)] }).await.expect("put");
+    match next(&mut c).await {
+        Frame::Ack { acks } => assert_eq!(acks[0].status, Status::UnknownHandle),
+        other => panic!("expected Ack, got {other:?}"),
+    }
+    // 5. CONFIRM of a GUID nobody holds.
+    let ch = open(&mut c, "q", OPEN_CONSUMER).await;
+    c.send(Frame::Confirm { queue_id: ch, messages: vec![MessageRef { guid: [9; 16], partition: 0 }] }).await.expect("confirm");
+    match next(&mut c).await {
+        Frame::ConfirmAck { entries, .. } => assert_eq!(entries[0].status, Status::UnknownMessage),
+        other => panic!("expected ConfirmAck, got {other:?}"),
+    }
+    // 6. Bad queue name.
+    c.send(Frame::OpenQueue {
+        req_id: 9,
+        queue: "no/slashes".into(),
+        subscription: String::new(),
+        flags: OPEN_PRODUCER,
+        max_unconfirmed_msgs: 1,
+        max_unconfirmed_bytes: 1,
+    })
+    .await
+    .expect("open");
+    match next(&mut c).await {
+        Frame::Error { req_id: 9, status, .. } => assert_eq!(status, Status::InvalidArgument),
+        other => panic!("expected Error, got {other:?}"),
+    }
+
+    // The well-behaved connection never noticed.
+    let acks = put_all(&mut good, h, 0..3).await;
+    assert!(acks.iter().all(|(_, s)| *s == Status::Ok));
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_and_quota_get_explicit_statuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.queue_defaults.max_message_bytes = 1024;
+    cfg.queue_defaults.max_messages = 3;
+    let broker = Broker::start(cfg).await.expect("start");
+    let mut c = connect(&broker).await;
+    let h = open(&mut c, "small", OPEN_PRODUCER).await;
+    let mut big = msg(1);
+    big.payload = Bytes::from(vec![b'x'; 2048]);
+    c.send(Frame::Put { queue_id: h, messages: vec![big] }).await.expect("put");
+    match next(&mut c).await {
+        Frame::Ack { acks } => assert_eq!(acks[0].status, Status::MessageTooLarge),
+        other => panic!("expected Ack, got {other:?}"),
+    }
+    let acks = put_all(&mut c, h, 10..15).await;
+    let ok = acks.iter().filter(|(_, s)| *s == Status::Ok).count();
+    let quota = acks.iter().filter(|(_, s)| *s == Status::QuotaExceeded).count();
+    assert_eq!((ok, quota), (3, 2), "{acks:?}");
+    broker.stop().await.expect("stop");
+}
+
+async fn expect_error_then_close(raw: &mut TcpStream) {
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match raw.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "server did not close the connection");
+    let mut bytes = BytesMut::from(&got[..]);
+    let mut codec = FrameCodec::new(1 << 20);
+    let frame = tokio_util::codec::Decoder::decode(&mut codec, &mut bytes).expect("decode").expect("a frame");
+    assert!(matches!(frame, Frame::Error { req_id: 0, status: Status::ProtocolError, .. }), "{frame:?}");
+}

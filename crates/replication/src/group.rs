@@ -1,0 +1,265 @@
+//! [`Group`]: one Raft group (a partition or the metadata group) driven by the node loop.
+
+use crate::logger::raft_logger;
+use crate::storage::LogStorage;
+use crate::ReplicationError;
+use bytes::Bytes;
+use raft::eraftpb::{ConfChangeV2, Entry, Message};
+use raft::{RawNode, StateRole};
+use std::path::PathBuf;
+use tern_log::LogOptions;
+
+/// Static configuration of one group on one node.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    /// This node's Raft id (never 0).
+    pub node_id: u64,
+    pub group_id: u64,
+    pub dir: PathBuf,
+    /// Voters used only when the group is created (no state on disk yet).
+    pub bootstrap_voters: Vec<u64>,
+    /// fsync before counting toward a quorum (durable queues); off for transient ones.
+    pub durable: bool,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub max_size_per_msg_bytes: u64,
+    pub max_inflight_msgs: usize,
+    /// Raft drops proposals beyond this many uncommitted bytes (back-pressure).
+    pub max_uncommitted_bytes: u64,
+    pub log: LogOptions,
+}
+
+impl GroupConfig {
+    pub fn new(node_id: u64, group_id: u64, dir: PathBuf, voters: Vec<u64>) -> Self {
+        GroupConfig {
+            node_id,
+            group_id,
+            dir,
+            bootstrap_voters: voters,
+            durable: true,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_size_per_msg_bytes: 1024 * 1024,
+            max_inflight_msgs: 256,
+            max_uncommitted_bytes: 256 * 1024 * 1024,
+            log: LogOptions::default(),
+        }
+    }
+}
+
+/// What one round of Ready processing produced for the caller.
+#[derive(Default)]
+pub struct ReadyOutput {
+    /// Raft messages to send to peers (after this call returns, everything they depend on is persisted).
+    pub messages: Vec<Message>,
+    /// Committed entries, in order, to apply before the next `handle_ready`.
+    pub committed: Vec<Entry>,
+    /// Set when the role or leader changed: (role, leader id or 0).
+    pub role_change: Option<(StateRole, u64)>,
+    /// A snapshot received from the leader was installed: the state machine must restore from it.
+    pub installed_snapshot: Option<Bytes>,
+    /// How long the log fsync of this round took, if one was done.
+    pub sync_duration: Option<std::time::Duration>,
+}
+
+/// A snapshot of a group's progress, for status pages and metrics.
+#[derive(Clone, Debug)]
+pub struct GroupStatus {
+    pub role: StateRole,
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub log_first_index: u64,
+    pub log_disk_bytes: u64,
+}
+
+pub struct Group {
+    node: RawNode<LogStorage>,
+    group_id: u64,
+    applied_index: u64,
+}
+
+impl Group {
+    /// Opens (or creates) the group. Returns the group and the state-machine snapshot
+    /// to restore from, if one exists; entries after it are replayed through
+    /// `handle_ready` once they are known committed.
+    pub fn open(cfg: &GroupConfig) -> Result<(Group, Option<Bytes>), ReplicationError> {
+        let storage = LogStorage::open(&cfg.dir, cfg.log.clone(), &cfg.bootstrap_voters, cfg.durable)?;
+        let snapshot = storage.snapshot_file().clone();
+        let raft_cfg = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied: snapshot.index,
+            max_size_per_msg: cfg.max_size_per_msg_bytes,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            max_uncommitted_size: cfg.max_uncommitted_bytes,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let node = RawNode::new(&raft_cfg, storage, &raft_logger(cfg.group_id))?;
+        let restore = (snapshot.index > 0).then_some(snapshot.data);
+        Ok((Group { node, group_id: cfg.group_id, applied_index: snapshot.index }, restore))
+    }
+
+    pub fn group_id(&self) -> u64 {
+        self.group_id
+    }
+
+    /// If this node is the only voter, become leader now instead of waiting for an
+    /// election timeout (a single-node cluster starts serving immediately).
+    pub fn campaign_if_sole_voter(&mut self) -> Result<(), ReplicationError> {
+        let cs = self.node.store().conf_state();
+        if cs.voters == [self.node.raft.id] && self.node.raft.state != StateRole::Leader {
+            self.node.campaign()?;
+        }
+        Ok(())
+    }
+
+    pub fn tick(&mut self) -> bool {
+        self.node.tick()
+    }
+
+    pub fn step(&mut self, msg: Message) -> Result<(), ReplicationError> {
+        Ok(self.node.step(msg)?)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    pub fn leader_id(&self) -> Option<u64> {
+        let id = self.node.raft.leader_id;
+        (id != 0).then_some(id)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.node.raft.term
+    }
+
+    /// Proposes `data` as one entry. Returns its (index, term): the caller keeps the
+    /// pending answer under that key and answers only when that exact entry applies.
+    pub fn propose(&mut self, data: Bytes) -> Result<(u64, u64), ReplicationError> {
+        if !self.is_leader() {
+            return Err(ReplicationError::NotLeader { leader: self.leader_id() });
+        }
+        let before = self.node.raft.raft_log.last_index();
+        match self.node.propose(Vec::new(), Vec::from(data)) {
+            Ok(()) => {}
+            Err(raft::Error::ProposalDropped) => return Err(ReplicationError::ProposalDropped),
+            Err(e) => return Err(e.into()),
+        }
+        let index = self.node.raft.raft_log.last_index();
+        if index != before + 1 {
+            return Err(ReplicationError::ProposalDropped);
+        }
+        Ok((index, self.node.raft.term))
+    }
+
+    /// Proposes a membership change (used by the cluster layer).
+    pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> Result<(), ReplicationError> {
+        Ok(self.node.propose_conf_change(Vec::new(), cc)?)
+    }
+
+    /// Applies a committed conf-change entry and persists the new configuration.
+    pub fn apply_conf_change(&mut self, cc: &ConfChangeV2) -> Result<(), ReplicationError> {
+        let cs = self.node.apply_conf_change(cc)?;
+        self.node.mut_store().set_conf_state(cs)
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.node.has_ready()
+    }
+
+    /// Processes one Ready: persists entries and hard state (fsync for durable groups)
+    /// before returning the messages that depend on them, and returns committed entries.
+    /// The caller must apply every returned committed entry before calling again.
+    pub fn handle_ready(&mut self) -> Result<Option<ReadyOutput>, ReplicationError> {
+        if !self.node.has_ready() {
+            return Ok(None);
+        }
+        let mut out = ReadyOutput::default();
+        let mut rd = self.node.ready();
+        if let Some(ss) = rd.ss() {
+            out.role_change = Some((ss.raft_state, ss.leader_id));
+        }
+        // A leader may send appends before its own write: it counts itself only after persisting.
+        out.messages.extend(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            // Installing a leader's snapshot arrives with the cluster work; refuse loudly.
+            return Err(ReplicationError::CorruptState {
+                path: PathBuf::new(),
+                reason: "snapshot install is not supported on this node yet".into(),
+            });
+        }
+        out.committed.extend(rd.take_committed_entries());
+        let store = self.node.mut_store();
+        store.append(rd.entries())?;
+        if !rd.entries().is_empty() || rd.must_sync() {
+            let started = std::time::Instant::now();
+            store.sync()?;
+            out.sync_duration = Some(started.elapsed());
+        }
+        if let Some(hs) = rd.hs() {
+            store.set_hard_state(hs)?;
+        }
+        out.messages.extend(rd.take_persisted_messages());
+        let mut light = self.node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.node.mut_store().set_commit(commit);
+        }
+        out.messages.extend(light.take_messages());
+        out.committed.extend(light.take_committed_entries());
+        if let Some(last) = out.committed.last() {
+            debug_assert!(last.index > self.applied_index);
+            self.applied_index = last.index;
+        }
+        self.node.advance_apply();
+        Ok(Some(out))
+    }
+
+    /// Reads the data of a log entry (to PUSH a payload that the state machine locates there).
+    pub fn entry_data(&self, index: u64) -> Result<Bytes, ReplicationError> {
+        self.node.store().entry_data(index)
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub fn snapshot_index(&self) -> u64 {
+        self.node.store().snapshot_file().index
+    }
+
+    /// Log bytes appended since the last snapshot (drives the snapshot policy).
+    pub fn log_disk_bytes(&self) -> u64 {
+        self.node.store().log().disk_bytes()
+    }
+
+    /// Saves a state-machine snapshot at the applied index and releases log segments
+    /// below `keep_from` (the oldest index still holding an unsettled payload).
+    pub fn compact(&mut self, data: Bytes, keep_from: u64) -> Result<u64, ReplicationError> {
+        let index = self.applied_index;
+        self.node.mut_store().compact(index, data, keep_from)
+    }
+
+    pub fn status(&self) -> GroupStatus {
+        let store = self.node.store();
+        GroupStatus {
+            role: self.node.raft.state,
+            leader_id: self.node.raft.leader_id,
+            term: self.node.raft.term,
+            commit_index: self.node.raft.raft_log.committed,
+            applied_index: self.applied_index,
+            last_index: self.node.raft.raft_log.last_index(),
+            snapshot_index: store.snapshot_file().index,
+            log_first_index: store.log().first_index(),
+            log_disk_bytes: store.log().disk_bytes(),
+        }
+    }
+}

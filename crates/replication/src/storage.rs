@@ -1,0 +1,322 @@
+//! [`LogStorage`]: raft-rs `Storage` over a [`tern_log::Log`] plus two small files.
+//!
+//! Files in the group directory:
+//! - `log/`: the segmented log; every Raft entry is written here exactly once.
+//! - `state`: HardState + ConfState (protobuf), replaced atomically. Rewritten only
+//!   when term, vote or the configuration change: those must be durable before any
+//!   message that depends on them leaves the node. The commit index is persisted
+//!   lazily with them: a stale commit index is safe (Raft re-establishes it), and it
+//!   never points past entries that were already synced when it was recorded.
+//! - `snapshot`: the latest state-machine snapshot with its Raft metadata.
+//!
+//! Raft's view of the log starts after the snapshot (`first_index = snapshot + 1`),
+//! while the physical log may keep older segments: they still hold payloads of
+//! unsettled messages, which the snapshot references by location instead of copying.
+
+use crate::ReplicationError;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use std::path::{Path, PathBuf};
+use tern_log::{Log, LogOptions};
+
+const STATE_FILE: &str = "state";
+const SNAPSHOT_FILE: &str = "snapshot";
+
+/// The latest snapshot of a group: Raft metadata plus opaque state-machine bytes.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotFile {
+    pub index: u64,
+    pub term: u64,
+    pub conf_state: ConfState,
+    pub data: Bytes,
+}
+
+pub struct LogStorage {
+    dir: PathBuf,
+    log: Log,
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: SnapshotFile,
+    durable: bool,
+    /// Term/vote/conf as last written to `state`; used to skip rewrites.
+    persisted: (u64, u64, ConfState),
+}
+
+impl LogStorage {
+    /// Opens or creates the storage in `dir`. `bootstrap_voters` is used only when
+    /// the group has no state yet (a brand-new group).
+    pub fn open(
+        dir: &Path,
+        log_options: LogOptions,
+        bootstrap_voters: &[u64],
+        durable: bool,
+    ) -> Result<LogStorage, ReplicationError> {
+        let (log, report) = Log::open(&dir.join("log"), log_options)?;
+        if let Some((path, offset)) = &report.torn_tail {
+            tracing::warn!(path = %path.display(), offset, "truncated a torn log tail on recovery");
+        }
+        let snapshot = read_snapshot(&dir.join(SNAPSHOT_FILE))?.unwrap_or_default();
+        let (mut hard_state, conf_state) = match read_state(&dir.join(STATE_FILE))? {
+            Some(state) => state,
+            None => {
+                let cs = ConfState { voters: bootstrap_voters.to_vec(), ..Default::default() };
+                (HardState::default(), cs)
+            }
+        };
+        // The commit index may be stale, never ahead of what the log holds.
+        hard_state.commit = hard_state.commit.max(snapshot.index);
+        let last = log.last_index().max(snapshot.index);
+        hard_state.commit = hard_state.commit.min(last);
+        let persisted = (hard_state.term, hard_state.vote, conf_state.clone());
+        let mut storage = LogStorage {
+            dir: dir.to_path_buf(),
+            log,
+            hard_state,
+            conf_state,
+            snapshot,
+            durable,
+            persisted,
+        };
+        storage.write_state()?;
+        Ok(storage)
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    pub fn snapshot_file(&self) -> &SnapshotFile {
+        &self.snapshot
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// Writes entries to the log (not yet synced).
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), ReplicationError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let converted: Vec<tern_log::Entry> = entries.iter().map(to_log_entry).collect();
+        self.log.append(&converted)?;
+        Ok(())
+    }
+
+    /// fdatasync the log (durable groups only). An error is fatal for the node.
+    pub fn sync(&mut self) -> Result<(), ReplicationError> {
+        if self.durable {
+            self.log.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Records a new hard state; rewrites the state file only if term or vote changed.
+    pub fn set_hard_state(&mut self, hs: &HardState) -> Result<(), ReplicationError> {
+        self.hard_state = hs.clone();
+        if (hs.term, hs.vote) != (self.persisted.0, self.persisted.1) {
+            self.write_state()?;
+        }
+        Ok(())
+    }
+
+    pub fn set_commit(&mut self, commit: u64) {
+        debug_assert!(commit >= self.hard_state.commit);
+        self.hard_state.commit = commit;
+    }
+
+    pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), ReplicationError> {
+        self.conf_state = cs;
+        self.write_state()
+    }
+
+    /// Saves a state-machine snapshot taken at `index` (which must be applied), moves
+    /// Raft's first index past it and releases log segments that hold nothing below
+    /// `keep_from` (the oldest location still referenced by an unsettled message).
+    pub fn compact(
+        &mut self,
+        index: u64,
+        data: Bytes,
+        keep_from: u64,
+    ) -> Result<u64, ReplicationError> {
+        assert!(index <= self.hard_state.commit, "compacting past the commit index");
+        let term = self.term_of(index)?;
+        let snapshot = SnapshotFile { index, term, conf_state: self.conf_state.clone(), data };
+        tern_log::write_atomic(&self.dir.join(SNAPSHOT_FILE), &encode_snapshot(&snapshot)?)?;
+        self.snapshot = snapshot;
+        // The state file carries the commit index; record it now that it is known durable.
+        self.write_state()?;
+        let released = self.log.release_before(keep_from.min(index + 1))?;
+        Ok(released)
+    }
+
+    /// Reads an entry's data (for PUSHing payloads), from cache or disk.
+    pub fn entry_data(&self, index: u64) -> Result<Bytes, ReplicationError> {
+        Ok(self.log.entry(index)?.data)
+    }
+
+    fn raft_first_index(&self) -> u64 {
+        self.snapshot.index + 1
+    }
+
+    fn raft_last_index(&self) -> u64 {
+        self.log.last_index().max(self.snapshot.index)
+    }
+
+    fn term_of(&self, index: u64) -> Result<u64, ReplicationError> {
+        if index == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        Ok(self.log.term(index)?)
+    }
+
+    fn write_state(&mut self) -> Result<(), ReplicationError> {
+        let mut buf = BytesMut::new();
+        put_message(&mut buf, &self.hard_state)?;
+        put_message(&mut buf, &self.conf_state)?;
+        tern_log::write_atomic(&self.dir.join(STATE_FILE), &buf)?;
+        self.persisted = (self.hard_state.term, self.hard_state.vote, self.conf_state.clone());
+        Ok(())
+    }
+}
+
+impl raft::Storage for LogStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.raft_first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.raft_last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let entries = self
+            .log
+            .entries(low, high, max_size.into())
+            .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        Ok(entries.into_iter().map(from_log_entry).collect())
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        if idx < self.raft_first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.raft_last_index() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        self.log.term(idx).map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.raft_first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.raft_last_index())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.index < request_index || self.snapshot.index == 0 {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let mut snap = Snapshot::default();
+        let mut meta =
+            SnapshotMetadata { index: self.snapshot.index, term: self.snapshot.term, ..Default::default() };
+        meta.set_conf_state(self.snapshot.conf_state.clone());
+        snap.set_metadata(meta);
+        snap.data = self.snapshot.data.clone();
+        Ok(snap)
+    }
+}
+
+fn to_log_entry(e: &Entry) -> tern_log::Entry {
+    tern_log::Entry {
+        index: e.index,
+        term: e.term,
+        kind: e.entry_type as u8,
+        context: e.context.clone(),
+        data: e.data.clone(),
+    }
+}
+
+fn from_log_entry(e: tern_log::Entry) -> Entry {
+    let entry_type = match e.kind {
+        1 => EntryType::EntryConfChange,
+        2 => EntryType::EntryConfChangeV2,
+        _ => EntryType::EntryNormal,
+    };
+    Entry { index: e.index, term: e.term, entry_type, context: e.context, data: e.data, ..Default::default() }
+}
+
+fn put_message(buf: &mut BytesMut, m: &dyn protobuf::Message) -> Result<(), ReplicationError> {
+    let bytes = m.write_to_bytes().map_err(|e| ReplicationError::CorruptState {
+        path: PathBuf::new(),
+        reason: format!("encode: {e}"),
+    })?;
+    buf.put_u32(bytes.len() as u32);
+    buf.put_slice(&bytes);
+    Ok(())
+}
+
+fn take_message<M: protobuf::Message>(buf: &mut Bytes, path: &Path) -> Result<M, ReplicationError> {
+    let corrupt = |reason: String| ReplicationError::CorruptState { path: path.to_path_buf(), reason };
+    if buf.remaining() < 4 {
+        return Err(corrupt("truncated length".into()));
+    }
+    let len = buf.get_u32() as usize;
+    if buf.remaining() < len {
+        return Err(corrupt("truncated message".into()));
+    }
+    let body = buf.split_to(len);
+    M::parse_from_bytes(&body).map_err(|e| corrupt(format!("decode: {e}")))
+}
+
+fn read_state(path: &Path) -> Result<Option<(HardState, ConfState)>, ReplicationError> {
+    let Some(mut bytes) = tern_log::read_checked(path)? else {
+        return Ok(None);
+    };
+    let hs = take_message::<HardState>(&mut bytes, path)?;
+    let cs = take_message::<ConfState>(&mut bytes, path)?;
+    Ok(Some((hs, cs)))
+}
+
+fn encode_snapshot(s: &SnapshotFile) -> Result<BytesMut, ReplicationError> {
+    let mut buf = BytesMut::with_capacity(s.data.len() + 64);
+    buf.put_u64(s.index);
+    buf.put_u64(s.term);
+    put_message(&mut buf, &s.conf_state)?;
+    buf.put_slice(&s.data);
+    Ok(buf)
+}
+
+fn read_snapshot(path: &Path) -> Result<Option<SnapshotFile>, ReplicationError> {
+    let Some(mut bytes) = tern_log::read_checked(path)? else {
+        return Ok(None);
+    };
+    if bytes.remaining() < 16 {
+        return Err(ReplicationError::CorruptState {
+            path: path.to_path_buf(),
+            reason: "truncated header".into(),
+        });
+    }
+    let index = bytes.get_u64();
+    let term = bytes.get_u64();
+    let conf_state = take_message::<ConfState>(&mut bytes, path)?;
+    Ok(Some(SnapshotFile { index, term, conf_state, data: bytes }))
+}
