@@ -276,13 +276,13 @@ impl Session {
         let handle_id = self.next_handle_id();
         let (tx, rx) = oneshot::channel();
         let consumer = (flags & OPEN_CONSUMER != 0).then_some(limits);
-        let cmd = NodeCmd::Open { conn: self.conn.clone(), handle_id, queue: queue.clone(), subscription, consumer, reply: tx };
+        let cmd = NodeCmd::Open { conn: self.conn.clone(), req_id, handle_id, queue: queue.clone(), subscription, consumer, reply: tx };
         self.to_node(cmd).await?;
         match self.await_node(rx).await {
             Ok(opened) => {
                 let handle = Handle { queue: Arc::from(queue.as_str()), consumer: opened.consumer, producer: flags & OPEN_PRODUCER != 0 };
+                // The node already sent OpenQueueOk (ordered before any PUSH on this handle).
                 self.handles.insert(handle_id, handle);
-                self.conn.send(Frame::OpenQueueOk { req_id, queue_id: handle_id, partitions: opened.partitions });
                 Ok(())
             }
             Err(r) => self.reply_error(req_id, r.status, r.message),

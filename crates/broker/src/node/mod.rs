@@ -72,8 +72,10 @@ pub struct Opened {
 
 /// Requests to the node loop.
 pub enum NodeCmd {
+    /// On success the node itself sends `OpenQueueOk` on `conn`, ahead of any PUSH for the handle.
     Open {
         conn: ConnTx,
+        req_id: u32,
         handle_id: u32,
         queue: String,
         subscription: String,
@@ -288,7 +290,7 @@ impl Node {
     }
 
     fn handle_open(&mut self, cmd: NodeCmd) {
-        let NodeCmd::Open { conn, handle_id, queue, subscription, consumer, reply } = cmd else { return };
+        let NodeCmd::Open { conn, req_id, handle_id, queue, subscription, consumer, reply } = cmd else { return };
         if let Err(e) = meta::validate_queue_name(&queue) {
             let _ = reply.send(Err(Rejection::new(Status::InvalidArgument, e)));
             return;
@@ -313,10 +315,13 @@ impl Node {
                 }
             };
             let cmd = MetaCommand::CreateQueue { name: queue.clone(), spec, now_ms: now_ms() };
-            let waiter = MetaWaiter::Open(Box::new(NodeCmd::Open { conn, handle_id, queue, subscription, consumer, reply }));
+            let waiter =
+                MetaWaiter::Open(Box::new(NodeCmd::Open { conn, req_id, handle_id, queue, subscription, consumer, reply }));
             self.propose_meta(cmd, waiter);
             return;
         };
+        // OpenQueueOk goes out on the connection's channel before the first PUSH can.
+        conn.send(Frame::OpenQueueOk { req_id, queue_id: handle_id, partitions: def.partitions });
         let consumer_id = consumer.map(|limits| self.add_consumer(conn, handle_id, &def, limits));
         let _ = reply.send(Ok(Opened { partitions: def.partitions, consumer: consumer_id }));
     }

@@ -117,14 +117,12 @@ impl Partition {
     pub fn open(queue: Arc<str>, index: u16, gcfg: &GroupConfig, limits: PartitionLimits) -> Result<Self, ReplicationError> {
         let (mut group, snapshot) = Group::open(gcfg)?;
         let state = match snapshot {
-            Some(bytes) => PartitionState::restore(&bytes).map_err(|e| ReplicationError::CorruptState {
+            Some(bytes) => PartitionState::restore(&bytes, limits.config).map_err(|e| ReplicationError::CorruptState {
                 path: gcfg.dir.join("snapshot"),
                 reason: e.to_string(),
             })?,
-            None => PartitionState::new(limits.config.clone()),
+            None => PartitionState::new(limits.config),
         };
-        let mut state = state;
-        state.set_config(limits.config);
         group.campaign_if_sole_voter()?;
         let log_bytes_at_snapshot = group.log_disk_bytes();
         let mut dispatcher = Dispatcher::new();
