@@ -127,7 +127,8 @@ impl BrokerConfig {
         if self.max_frame_bytes < 1024 {
             return bad("max_frame_bytes must be at least 1024".into());
         }
-        if u64::from(self.queue_defaults.max_message_bytes) + 1024 > u64::from(self.max_frame_bytes) {
+        if u64::from(self.queue_defaults.max_message_bytes) + 1024 > u64::from(self.max_frame_bytes)
+        {
             return bad(format!(
                 "queue max_message_bytes ({}) must leave room for headers in max_frame_bytes ({})",
                 self.queue_defaults.max_message_bytes, self.max_frame_bytes
@@ -145,7 +146,10 @@ impl BrokerConfig {
         if self.segment_max_bytes < 1024 * 1024 {
             return bad("segment_max_bytes must be at least 1 MiB".into());
         }
-        if self.max_connections == 0 || self.node_queue_capacity == 0 || self.max_inflight_puts_per_conn == 0 {
+        if self.max_connections == 0
+            || self.node_queue_capacity == 0
+            || self.max_inflight_puts_per_conn == 0
+        {
             return bad("max_connections, node_queue_capacity and max_inflight_puts_per_conn must be positive".into());
         }
         let others: Vec<&String> = self.initial_cluster.iter().collect();

@@ -22,7 +22,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_proto::{Frame, FrameCodec, ProtoError, Status, OPEN_CONSUMER, OPEN_PRODUCER, PROTOCOL_VERSION};
+use tern_proto::{
+    Frame, FrameCodec, ProtoError, Status, OPEN_CONSUMER, OPEN_PRODUCER, PROTOCOL_VERSION,
+};
 use tern_queue::{ConsumerId, FlowLimits};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -50,7 +52,10 @@ struct InFlight {
 }
 
 pub async fn serve(stream: TcpStream, conn_id: u64, shared: Arc<Shared>) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let _ = stream.set_nodelay(true);
     shared.metrics.connections.inc();
     match serve_inner(stream, conn_id, &shared).await {
@@ -60,21 +65,36 @@ pub async fn serve(stream: TcpStream, conn_id: u64, shared: Arc<Shared>) {
     shared.metrics.connections.dec();
 }
 
-async fn serve_inner(stream: TcpStream, conn_id: u64, shared: &Arc<Shared>) -> Result<(), ProtoError> {
+async fn serve_inner(
+    stream: TcpStream,
+    conn_id: u64,
+    shared: &Arc<Shared>,
+) -> Result<(), ProtoError> {
     let (read, write) = stream.into_split();
     let codec = FrameCodec::new(shared.config.max_frame_bytes);
     let mut reader = FramedRead::new(read, codec.clone());
     let (out_tx, out_rx) = flume::unbounded::<Frame>();
-    let conn = ConnTx { id: conn_id, tx: out_tx };
+    let conn = ConnTx {
+        id: conn_id,
+        tx: out_tx,
+    };
     let inflight = Arc::new(InFlight::default());
     let writer = tokio::spawn(write_loop(write, out_rx, codec, inflight.clone()));
 
     let result = match handshake(&mut reader, &conn, shared).await {
-        Ok(()) => Session::new(conn.clone(), shared.clone(), inflight).run(&mut reader).await,
+        Ok(()) => {
+            Session::new(conn.clone(), shared.clone(), inflight)
+                .run(&mut reader)
+                .await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
-        conn.send(Frame::Error { req_id: 0, status: Status::ProtocolError, message: e.to_string() });
+        conn.send(Frame::Error {
+            req_id: 0,
+            status: Status::ProtocolError,
+            message: e.to_string(),
+        });
     }
     drop(conn);
     // The writer ends when every sender (ours and the node's copies) is gone; bound the wait.
@@ -110,12 +130,18 @@ async fn handshake(
             });
             Err(malformed(0x01, "unsupported version"))
         }
-        other => Err(malformed(other.type_code(), "the first frame must be Hello")),
+        other => Err(malformed(
+            other.type_code(),
+            "the first frame must be Hello",
+        )),
     }
 }
 
 fn malformed(frame_type: u8, reason: &str) -> ProtoError {
-    ProtoError::Malformed { frame_type, reason: reason.to_string() }
+    ProtoError::Malformed {
+        frame_type,
+        reason: reason.to_string(),
+    }
 }
 
 /// The state of one connection after the handshake.
@@ -130,10 +156,20 @@ struct Session {
 
 impl Session {
     fn new(conn: ConnTx, shared: Arc<Shared>, inflight: Arc<InFlight>) -> Self {
-        Session { conn, shared, inflight, handles: HashMap::new(), last_heard: Instant::now(), stop_sent: false }
+        Session {
+            conn,
+            shared,
+            inflight,
+            handles: HashMap::new(),
+            last_heard: Instant::now(),
+            stop_sent: false,
+        }
     }
 
-    async fn run(mut self, reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>) -> Result<(), ProtoError> {
+    async fn run(
+        mut self,
+        reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    ) -> Result<(), ProtoError> {
         let hb = Duration::from_millis(u64::from(self.shared.config.heartbeat_interval_ms));
         let mut ticker = tokio::time::interval(hb);
         let mut stop = self.shared.stop_rx.clone();
@@ -166,7 +202,11 @@ impl Session {
         };
         let consumers: Vec<ConsumerId> = self.handles.values().filter_map(|h| h.consumer).collect();
         if !consumers.is_empty() {
-            let _ = self.shared.node_tx.send_async(NodeCmd::ConnClosed { consumers }).await;
+            let _ = self
+                .shared
+                .node_tx
+                .send_async(NodeCmd::ConnClosed { consumers })
+                .await;
         }
         result
     }
@@ -188,30 +228,67 @@ impl Session {
         match frame {
             Frame::Put { queue_id, messages } => self.on_put(queue_id, messages).await,
             Frame::Confirm { queue_id, messages } => {
-                let Some((queue, consumer)) =
-                    self.handles.get(&queue_id).and_then(|h| Some((h.queue.clone(), h.consumer?)))
+                let Some((queue, consumer)) = self
+                    .handles
+                    .get(&queue_id)
+                    .and_then(|h| Some((h.queue.clone(), h.consumer?)))
                 else {
                     // Not a connection-level error: answer each CONFIRM, keep the connection.
                     let entries = messages
                         .iter()
-                        .map(|m| tern_proto::ConfirmAckEntry { guid: m.guid, status: Status::UnknownHandle })
+                        .map(|m| tern_proto::ConfirmAckEntry {
+                            guid: m.guid,
+                            status: Status::UnknownHandle,
+                        })
                         .collect();
                     self.conn.send(Frame::ConfirmAck { queue_id, entries });
                     return Ok(());
                 };
-                let cmd = NodeCmd::Confirm { conn: self.conn.clone(), handle_id: queue_id, consumer, queue, messages };
+                let cmd = NodeCmd::Confirm {
+                    conn: self.conn.clone(),
+                    handle_id: queue_id,
+                    consumer,
+                    queue,
+                    messages,
+                };
                 self.to_node(cmd).await
             }
             Frame::Nack { queue_id, entries } => {
-                if let Some(Handle { queue, consumer: Some(consumer), .. }) = self.handles.get(&queue_id) {
-                    let cmd = NodeCmd::Nack { consumer: *consumer, queue: queue.clone(), entries };
+                if let Some(Handle {
+                    queue,
+                    consumer: Some(consumer),
+                    ..
+                }) = self.handles.get(&queue_id)
+                {
+                    let cmd = NodeCmd::Nack {
+                        consumer: *consumer,
+                        queue: queue.clone(),
+                        entries,
+                    };
                     self.to_node(cmd).await?;
                 }
                 Ok(())
             }
             Frame::Extend { .. } => Ok(()), // visibility timeouts arrive with the queue-semantics work
-            Frame::OpenQueue { req_id, queue, subscription, flags, max_unconfirmed_msgs, max_unconfirmed_bytes } => {
-                self.on_open(req_id, queue, subscription, flags, FlowLimits { max_unconfirmed_msgs, max_unconfirmed_bytes }).await
+            Frame::OpenQueue {
+                req_id,
+                queue,
+                subscription,
+                flags,
+                max_unconfirmed_msgs,
+                max_unconfirmed_bytes,
+            } => {
+                self.on_open(
+                    req_id,
+                    queue,
+                    subscription,
+                    flags,
+                    FlowLimits {
+                        max_unconfirmed_msgs,
+                        max_unconfirmed_bytes,
+                    },
+                )
+                .await
             }
             Frame::CloseQueue { req_id, queue_id } => {
                 if let Some(h) = self.handles.remove(&queue_id) {
@@ -222,17 +299,24 @@ impl Session {
                 self.conn.send(Frame::CloseQueueOk { req_id });
                 Ok(())
             }
-            Frame::Configure { req_id, queue_id, max_unconfirmed_msgs, max_unconfirmed_bytes } => {
-                match self.handles.get(&queue_id).and_then(|h| h.consumer) {
-                    Some(consumer) => {
-                        let limits = FlowLimits { max_unconfirmed_msgs, max_unconfirmed_bytes };
-                        self.to_node(NodeCmd::Configure { consumer, limits }).await?;
-                        self.conn.send(Frame::ConfigureOk { req_id });
-                        Ok(())
-                    }
-                    None => self.unknown_handle(req_id, queue_id),
+            Frame::Configure {
+                req_id,
+                queue_id,
+                max_unconfirmed_msgs,
+                max_unconfirmed_bytes,
+            } => match self.handles.get(&queue_id).and_then(|h| h.consumer) {
+                Some(consumer) => {
+                    let limits = FlowLimits {
+                        max_unconfirmed_msgs,
+                        max_unconfirmed_bytes,
+                    };
+                    self.to_node(NodeCmd::Configure { consumer, limits })
+                        .await?;
+                    self.conn.send(Frame::ConfigureOk { req_id });
+                    Ok(())
                 }
-            }
+                None => self.unknown_handle(req_id, queue_id),
+            },
             Frame::AdminRequest { req_id, body } => self.on_admin(req_id, &body).await,
             Frame::Heartbeat => {
                 self.conn.send(Frame::HeartbeatAck);
@@ -243,44 +327,91 @@ impl Session {
                 self.conn.send(Frame::StopResponse);
                 Ok(())
             }
-            other => Err(malformed(other.type_code(), "this frame is not accepted from a client")),
+            other => Err(malformed(
+                other.type_code(),
+                "this frame is not accepted from a client",
+            )),
         }
     }
 
-    async fn on_put(&mut self, queue_id: u32, messages: Vec<tern_proto::PutMessage>) -> Result<(), ProtoError> {
+    async fn on_put(
+        &mut self,
+        queue_id: u32,
+        messages: Vec<tern_proto::PutMessage>,
+    ) -> Result<(), ProtoError> {
         if messages.is_empty() {
             return Ok(());
         }
         // Counted before any answer can go out, so the writer's decrement never underflows.
-        self.inflight.count.fetch_add(messages.len(), Ordering::AcqRel);
+        self.inflight
+            .count
+            .fetch_add(messages.len(), Ordering::AcqRel);
         let Some(h) = self.handles.get(&queue_id).filter(|h| h.producer) else {
             crate::node::reject_puts(&self.conn, &messages, Status::UnknownHandle);
             return Ok(());
         };
         // After StopRequest, PUTs already in flight are still taken and ACKed during the
         // drain (BlazingMQ's contract): refusing them would give producers failed ACKs.
-        let cmd = NodeCmd::Put { conn: self.conn.clone(), queue: h.queue.clone(), messages, received: Instant::now() };
+        let cmd = NodeCmd::Put {
+            conn: self.conn.clone(),
+            queue: h.queue.clone(),
+            messages,
+            received: Instant::now(),
+        };
         self.to_node(cmd).await
     }
 
-    async fn on_open(&mut self, req_id: u32, queue: String, subscription: String, flags: u8, limits: FlowLimits) -> Result<(), ProtoError> {
-        if flags & (OPEN_PRODUCER | OPEN_CONSUMER) == 0 || flags & !(OPEN_PRODUCER | OPEN_CONSUMER) != 0 {
-            return self.reply_error(req_id, Status::InvalidArgument, format!("invalid OpenQueue flags 0x{flags:02x}"));
+    async fn on_open(
+        &mut self,
+        req_id: u32,
+        queue: String,
+        subscription: String,
+        flags: u8,
+        limits: FlowLimits,
+    ) -> Result<(), ProtoError> {
+        if flags & (OPEN_PRODUCER | OPEN_CONSUMER) == 0
+            || flags & !(OPEN_PRODUCER | OPEN_CONSUMER) != 0
+        {
+            return self.reply_error(
+                req_id,
+                Status::InvalidArgument,
+                format!("invalid OpenQueue flags 0x{flags:02x}"),
+            );
         }
         if flags & OPEN_CONSUMER != 0 && limits.max_unconfirmed_msgs == 0 {
-            return self.reply_error(req_id, Status::InvalidArgument, "max_unconfirmed_msgs must be at least 1".into());
+            return self.reply_error(
+                req_id,
+                Status::InvalidArgument,
+                "max_unconfirmed_msgs must be at least 1".into(),
+            );
         }
         if self.handles.len() >= MAX_HANDLES_PER_CONN {
-            return self.reply_error(req_id, Status::InvalidArgument, format!("at most {MAX_HANDLES_PER_CONN} open queues per connection"));
+            return self.reply_error(
+                req_id,
+                Status::InvalidArgument,
+                format!("at most {MAX_HANDLES_PER_CONN} open queues per connection"),
+            );
         }
         let handle_id = self.next_handle_id();
         let (tx, rx) = oneshot::channel();
         let consumer = (flags & OPEN_CONSUMER != 0).then_some(limits);
-        let cmd = NodeCmd::Open { conn: self.conn.clone(), req_id, handle_id, queue: queue.clone(), subscription, consumer, reply: tx };
+        let cmd = NodeCmd::Open {
+            conn: self.conn.clone(),
+            req_id,
+            handle_id,
+            queue: queue.clone(),
+            subscription,
+            consumer,
+            reply: tx,
+        };
         self.to_node(cmd).await?;
         match self.await_node(rx).await {
             Ok(opened) => {
-                let handle = Handle { queue: Arc::from(queue.as_str()), consumer: opened.consumer, producer: flags & OPEN_PRODUCER != 0 };
+                let handle = Handle {
+                    queue: Arc::from(queue.as_str()),
+                    consumer: opened.consumer,
+                    producer: flags & OPEN_PRODUCER != 0,
+                };
                 // The node already sent OpenQueueOk (ordered before any PUSH on this handle).
                 self.handles.insert(handle_id, handle);
                 Ok(())
@@ -292,7 +423,15 @@ impl Session {
     async fn on_admin(&mut self, req_id: u32, body: &[u8]) -> Result<(), ProtoError> {
         let req = match serde_json::from_slice(body) {
             Ok(r) => r,
-            Err(e) => return self.admin_reply(req_id, Err(Rejection::new(Status::InvalidArgument, format!("bad admin request: {e}")))),
+            Err(e) => {
+                return self.admin_reply(
+                    req_id,
+                    Err(Rejection::new(
+                        Status::InvalidArgument,
+                        format!("bad admin request: {e}"),
+                    )),
+                )
+            }
         };
         let (tx, rx) = oneshot::channel();
         self.to_node(NodeCmd::Admin { req, reply: tx }).await?;
@@ -300,21 +439,39 @@ impl Session {
         self.admin_reply(req_id, result)
     }
 
-    fn admin_reply(&self, req_id: u32, result: Result<tern_proto::admin::AdminReply, Rejection>) -> Result<(), ProtoError> {
+    fn admin_reply(
+        &self,
+        req_id: u32,
+        result: Result<tern_proto::admin::AdminReply, Rejection>,
+    ) -> Result<(), ProtoError> {
         let (status, body) = match result {
             Ok(reply) => (Status::Ok, serde_json::to_vec(&reply).unwrap_or_default()),
-            Err(r) => (r.status, serde_json::to_vec(&tern_proto::admin::AdminErrorBody { error: r.message }).unwrap_or_default()),
+            Err(r) => (
+                r.status,
+                serde_json::to_vec(&tern_proto::admin::AdminErrorBody { error: r.message })
+                    .unwrap_or_default(),
+            ),
         };
-        self.conn.send(Frame::AdminResponse { req_id, status, body: body.into() });
+        self.conn.send(Frame::AdminResponse {
+            req_id,
+            status,
+            body: body.into(),
+        });
         Ok(())
     }
 
-    async fn await_node<T>(&self, rx: oneshot::Receiver<Result<T, Rejection>>) -> Result<T, Rejection> {
+    async fn await_node<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, Rejection>>,
+    ) -> Result<T, Rejection> {
         let bound = Duration::from_millis(self.shared.config.put_timeout_ms);
         match tokio::time::timeout(bound, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Rejection::new(Status::Unavailable, "the node is stopping")),
-            Err(_) => Err(Rejection::new(Status::Timeout, "no answer within the request timeout")),
+            Err(_) => Err(Rejection::new(
+                Status::Timeout,
+                "no answer within the request timeout",
+            )),
         }
     }
 
@@ -327,16 +484,26 @@ impl Session {
     }
 
     fn reply_error(&self, req_id: u32, status: Status, message: String) -> Result<(), ProtoError> {
-        self.conn.send(Frame::Error { req_id, status, message });
+        self.conn.send(Frame::Error {
+            req_id,
+            status,
+            message,
+        });
         Ok(())
     }
 
     fn unknown_handle(&self, req_id: u32, queue_id: u32) -> Result<(), ProtoError> {
-        self.reply_error(req_id, Status::UnknownHandle, format!("queue handle {queue_id} is not open on this connection"))
+        self.reply_error(
+            req_id,
+            Status::UnknownHandle,
+            format!("queue handle {queue_id} is not open on this connection"),
+        )
     }
 
     fn next_handle_id(&self) -> u32 {
-        (1..).find(|id| !self.handles.contains_key(id)).unwrap_or(u32::MAX)
+        (1..)
+            .find(|id| !self.handles.contains_key(id))
+            .unwrap_or(u32::MAX)
     }
 }
 
@@ -344,7 +511,12 @@ impl Session {
 const MAX_HANDLES_PER_CONN: usize = 1024;
 
 /// Drains the outbound channel into the socket, many frames per write.
-async fn write_loop(mut write: OwnedWriteHalf, rx: flume::Receiver<Frame>, mut codec: FrameCodec, inflight: Arc<InFlight>) {
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    rx: flume::Receiver<Frame>,
+    mut codec: FrameCodec,
+    inflight: Arc<InFlight>,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Ok(frame) = rx.recv_async().await {
         let mut acked = 0;

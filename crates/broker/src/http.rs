@@ -44,7 +44,11 @@ async fn ready(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    ([("content-type", "text/plain; version=0.0.4")], s.metrics.encode()).into_response()
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn cluster(State(s): State<Arc<Shared>>) -> Response {
@@ -61,13 +65,20 @@ async fn queue(State(s): State<Arc<Shared>>, Path(name): Path<String>) -> Respon
 
 async fn admin(s: &Shared, req: AdminRequest) -> Response {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if s.node_tx.send_async(NodeCmd::Admin { req, reply: tx }).await.is_err() {
+    if s.node_tx
+        .send_async(NodeCmd::Admin { req, reply: tx })
+        .await
+        .is_err()
+    {
         return error(Rejection::new(Status::Unavailable, "node loop stopped"));
     }
     match tokio::time::timeout(Duration::from_secs(10), rx).await {
         Ok(Ok(Ok(reply))) => Json(reply).into_response(),
         Ok(Ok(Err(r))) => error(r),
-        _ => error(Rejection::new(Status::Timeout, "no answer from the node loop")),
+        _ => error(Rejection::new(
+            Status::Timeout,
+            "no answer from the node loop",
+        )),
     }
 }
 

@@ -42,7 +42,10 @@ pub enum BrokerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Node(#[from] node::NodeError),
     #[error("the node loop panicked")]
@@ -65,8 +68,14 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         let client = bind(config.listen).await?;
         let http = bind(config.http_listen).await?;
-        let client_addr = client.local_addr().map_err(|source| BrokerError::Listen { addr: config.listen, source })?;
-        let http_addr = http.local_addr().map_err(|source| BrokerError::Listen { addr: config.http_listen, source })?;
+        let client_addr = client.local_addr().map_err(|source| BrokerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let http_addr = http.local_addr().map_err(|source| BrokerError::Listen {
+            addr: config.http_listen,
+            source,
+        })?;
         let handle = node::start(config.clone(), metrics.clone())?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -80,7 +89,13 @@ impl Broker {
         tokio::spawn(accept_loop(client, shared.clone()));
         tokio::spawn(http::serve(http, shared.clone()));
         tracing::info!(%client_addr, %http_addr, node_id = shared.config.node_id, "tern broker serving");
-        Ok(Broker { shared, stop_tx, node_thread: Some(handle.thread), client_addr, http_addr })
+        Ok(Broker {
+            shared,
+            stop_tx,
+            node_thread: Some(handle.thread),
+            client_addr,
+            http_addr,
+        })
     }
 
     /// Resolves when the node loop has ended on its own (a fatal storage error).
@@ -101,13 +116,20 @@ impl Broker {
     pub async fn stop(mut self) -> Result<(), BrokerError> {
         let _ = self.stop_tx.send(true);
         self.shared.ready.store(false, Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.shared.config.stop_timeout_ms);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.shared.config.stop_timeout_ms);
         // Drain: wait until no PUT is waiting for its ACK, or the bound passes.
         while tokio::time::Instant::now() < deadline && self.shared.metrics.pending_puts() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.shared.node_tx.send_async(NodeCmd::Stop { reply: tx }).await.is_ok() {
+        if self
+            .shared
+            .node_tx
+            .send_async(NodeCmd::Stop { reply: tx })
+            .await
+            .is_ok()
+        {
             let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
         }
         let result = self.join_node();
@@ -127,7 +149,9 @@ impl Broker {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
-    TcpListener::bind(addr).await.map_err(|source| BrokerError::Listen { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BrokerError::Listen { addr, source })
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -172,7 +196,10 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
         status: tern_proto::Status::Overloaded,
         message: "the server's connection limit is reached".into(),
     };
-    if tern_proto::FrameCodec::new(4096).encode(frame, &mut buf).is_ok() {
+    if tern_proto::FrameCodec::new(4096)
+        .encode(frame, &mut buf)
+        .is_ok()
+    {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
     }
 }

@@ -71,21 +71,63 @@ impl Metrics {
     }
 
     fn register(&self) {
-        let Ok(mut r) = self.registry.lock() else { return };
+        let Ok(mut r) = self.registry.lock() else {
+            return;
+        };
         r.register("puts", "PUT messages received", self.puts.clone());
         r.register("acks", "ACKs sent, by status", self.acks.clone());
-        r.register("pushes", "messages PUSHed to consumers", self.pushes.clone());
+        r.register(
+            "pushes",
+            "messages PUSHed to consumers",
+            self.pushes.clone(),
+        );
         r.register("confirms", "CONFIRMs committed", self.confirms.clone());
         r.register("queue_depth", "unsettled messages", self.depth.clone());
-        r.register("queue_in_flight", "messages PUSHed and not yet confirmed", self.in_flight.clone());
-        r.register("queue_bytes", "payload bytes of unsettled messages", self.queue_bytes.clone());
-        r.register("queue_consumers", "consumers attached", self.consumers.clone());
-        r.register("log_disk_bytes", "bytes of log segments on disk", self.log_disk_bytes.clone());
-        r.register("ack_latency_seconds", "PUT received to ACK sent", self.ack_latency.clone());
-        r.register("fsync_latency_seconds", "log fdatasync duration", self.fsync_latency.clone());
-        r.register("raft_entries_proposed", "Raft entries proposed (batches)", self.entries_proposed.clone());
-        r.register("client_connections", "open client connections", self.connections.clone());
-        r.register("pending_puts", "PUT messages accepted and not yet ACKed", self.pending_puts.clone());
+        r.register(
+            "queue_in_flight",
+            "messages PUSHed and not yet confirmed",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "queue_bytes",
+            "payload bytes of unsettled messages",
+            self.queue_bytes.clone(),
+        );
+        r.register(
+            "queue_consumers",
+            "consumers attached",
+            self.consumers.clone(),
+        );
+        r.register(
+            "log_disk_bytes",
+            "bytes of log segments on disk",
+            self.log_disk_bytes.clone(),
+        );
+        r.register(
+            "ack_latency_seconds",
+            "PUT received to ACK sent",
+            self.ack_latency.clone(),
+        );
+        r.register(
+            "fsync_latency_seconds",
+            "log fdatasync duration",
+            self.fsync_latency.clone(),
+        );
+        r.register(
+            "raft_entries_proposed",
+            "Raft entries proposed (batches)",
+            self.entries_proposed.clone(),
+        );
+        r.register(
+            "client_connections",
+            "open client connections",
+            self.connections.clone(),
+        );
+        r.register(
+            "pending_puts",
+            "PUT messages accepted and not yet ACKed",
+            self.pending_puts.clone(),
+        );
     }
 
     /// Prometheus text exposition.

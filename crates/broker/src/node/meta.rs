@@ -34,8 +34,14 @@ impl QueueDef {
 // Metadata commands are rare and short-lived; the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum MetaCommand {
-    CreateQueue { name: String, spec: QueueSpec, now_ms: u64 },
-    DeleteQueue { name: String },
+    CreateQueue {
+        name: String,
+        spec: QueueSpec,
+        now_ms: u64,
+    },
+    DeleteQueue {
+        name: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -55,7 +61,10 @@ pub struct MetaState {
 
 impl MetaState {
     pub fn new() -> Self {
-        MetaState { queues: BTreeMap::new(), next_group_id: 1 }
+        MetaState {
+            queues: BTreeMap::new(),
+            next_group_id: 1,
+        }
     }
 
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaOutcome {
@@ -104,10 +113,18 @@ impl MetaState {
 /// Validates a queue name: 1..=200 chars of `[A-Za-z0-9._-]` (safe in paths, URLs and metrics).
 pub fn validate_queue_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 200 {
-        return Err(format!("queue name must be 1 to 200 characters, got {}", name.len()));
+        return Err(format!(
+            "queue name must be 1 to 200 characters, got {}",
+            name.len()
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("queue name {name:?} has the character {c:?}; allowed: A-Z a-z 0-9 . _ -"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "queue name {name:?} has the character {c:?}; allowed: A-Z a-z 0-9 . _ -"
+        ));
     }
     Ok(())
 }
@@ -117,22 +134,49 @@ mod tests {
     use super::*;
 
     fn spec(p: u16) -> QueueSpec {
-        QueueSpec { partitions: Some(p), ..Default::default() }
+        QueueSpec {
+            partitions: Some(p),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn create_assigns_disjoint_group_ids_and_is_idempotent() {
         let mut m = MetaState::new();
-        let a = m.apply(&MetaCommand::CreateQueue { name: "a".into(), spec: spec(3), now_ms: 1 });
-        let b = m.apply(&MetaCommand::CreateQueue { name: "b".into(), spec: spec(2), now_ms: 2 });
-        let (MetaOutcome::Created(a), MetaOutcome::Created(b)) = (a, b) else { panic!("not created") };
+        let a = m.apply(&MetaCommand::CreateQueue {
+            name: "a".into(),
+            spec: spec(3),
+            now_ms: 1,
+        });
+        let b = m.apply(&MetaCommand::CreateQueue {
+            name: "b".into(),
+            spec: spec(2),
+            now_ms: 2,
+        });
+        let (MetaOutcome::Created(a), MetaOutcome::Created(b)) = (a, b) else {
+            panic!("not created")
+        };
         assert_eq!(a.first_group_id, 1);
         assert_eq!(b.first_group_id, 4);
-        let again = m.apply(&MetaCommand::CreateQueue { name: "a".into(), spec: spec(3), now_ms: 3 });
+        let again = m.apply(&MetaCommand::CreateQueue {
+            name: "a".into(),
+            spec: spec(3),
+            now_ms: 3,
+        });
         assert!(matches!(again, MetaOutcome::Exists(d) if d == a));
-        assert!(matches!(m.apply(&MetaCommand::DeleteQueue { name: "a".into() }), MetaOutcome::Deleted(_)));
-        assert_eq!(m.apply(&MetaCommand::DeleteQueue { name: "a".into() }), MetaOutcome::NotFound);
-        let c = m.apply(&MetaCommand::CreateQueue { name: "a".into(), spec: spec(1), now_ms: 4 });
+        assert!(matches!(
+            m.apply(&MetaCommand::DeleteQueue { name: "a".into() }),
+            MetaOutcome::Deleted(_)
+        ));
+        assert_eq!(
+            m.apply(&MetaCommand::DeleteQueue { name: "a".into() }),
+            MetaOutcome::NotFound
+        );
+        let c = m.apply(&MetaCommand::CreateQueue {
+            name: "a".into(),
+            spec: spec(1),
+            now_ms: 4,
+        });
         assert!(matches!(c, MetaOutcome::Created(d) if d.first_group_id == 6));
         let restored = MetaState::decode(&m.encode()).expect("decode");
         assert_eq!(restored, m);

@@ -59,7 +59,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Rejection { status, message: message.into() }
+        Rejection {
+            status,
+            message: message.into(),
+        }
     }
 }
 
@@ -83,15 +86,42 @@ pub enum NodeCmd {
         consumer: Option<FlowLimits>,
         reply: oneshot::Sender<Result<Opened, Rejection>>,
     },
-    CloseConsumer { consumer: ConsumerId },
-    Configure { consumer: ConsumerId, limits: FlowLimits },
-    Put { conn: ConnTx, queue: Arc<str>, messages: Vec<PutMessage>, received: Instant },
-    Confirm { conn: ConnTx, handle_id: u32, consumer: ConsumerId, queue: Arc<str>, messages: Vec<MessageRef> },
-    Nack { consumer: ConsumerId, queue: Arc<str>, entries: Vec<NackEntry> },
-    ConnClosed { consumers: Vec<ConsumerId> },
-    Admin { req: AdminRequest, reply: oneshot::Sender<Result<AdminReply, Rejection>> },
+    CloseConsumer {
+        consumer: ConsumerId,
+    },
+    Configure {
+        consumer: ConsumerId,
+        limits: FlowLimits,
+    },
+    Put {
+        conn: ConnTx,
+        queue: Arc<str>,
+        messages: Vec<PutMessage>,
+        received: Instant,
+    },
+    Confirm {
+        conn: ConnTx,
+        handle_id: u32,
+        consumer: ConsumerId,
+        queue: Arc<str>,
+        messages: Vec<MessageRef>,
+    },
+    Nack {
+        consumer: ConsumerId,
+        queue: Arc<str>,
+        entries: Vec<NackEntry>,
+    },
+    ConnClosed {
+        consumers: Vec<ConsumerId>,
+    },
+    Admin {
+        req: AdminRequest,
+        reply: oneshot::Sender<Result<AdminReply, Rejection>>,
+    },
     /// Graceful stop: snapshot every group and leave the loop.
-    Stop { reply: oneshot::Sender<()> },
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Errors that stop the node.
@@ -100,7 +130,10 @@ pub enum NodeError {
     #[error("replication storage failed: {0}")]
     Replication(#[from] ReplicationError),
     #[error("cannot use the data directory {path}: {source}")]
-    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt metadata snapshot: {0}")]
     Meta(String),
 }
@@ -118,7 +151,10 @@ const MAX_CMDS_PER_ROUND: usize = 4096;
 const MAX_READY_PASSES: usize = 4;
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Opens storage (so startup errors surface before serving) and starts the node thread.
@@ -129,7 +165,10 @@ pub fn start(cfg: BrokerConfig, metrics: Arc<Metrics>) -> Result<NodeHandle, Nod
     let thread = std::thread::Builder::new()
         .name("tern-node".into())
         .spawn(move || node.run(rx))
-        .map_err(|source| NodeError::DataDir { path: "thread".into(), source })?;
+        .map_err(|source| NodeError::DataDir {
+            path: "thread".into(),
+            source,
+        })?;
     Ok(NodeHandle { tx, ready, thread })
 }
 
@@ -172,8 +211,10 @@ pub(crate) struct Node {
 
 impl Node {
     fn open(cfg: BrokerConfig, metrics: Arc<Metrics>) -> Result<Node, NodeError> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
         let mut gcfg = group_config(&cfg, META_GROUP_ID, true);
         gcfg.log.segment_max_bytes = 8 * 1024 * 1024;
         let (mut meta_group, snapshot) = Group::open(&gcfg)?;
@@ -212,7 +253,11 @@ impl Node {
         let mut busy = true;
         let mut stop_reply = None;
         loop {
-            let wait = if busy { Duration::ZERO } else { next_tick.saturating_duration_since(Instant::now()) };
+            let wait = if busy {
+                Duration::ZERO
+            } else {
+                next_tick.saturating_duration_since(Instant::now())
+            };
             match rx.recv_timeout(wait) {
                 Ok(cmd) => stop_reply = stop_reply.or(self.handle(cmd)),
                 Err(flume::RecvTimeoutError::Timeout) => {}
@@ -250,11 +295,24 @@ impl Node {
             NodeCmd::Open { .. } => self.handle_open(cmd),
             NodeCmd::CloseConsumer { consumer } => self.remove_consumer(consumer),
             NodeCmd::Configure { consumer, limits } => self.configure_consumer(consumer, limits),
-            NodeCmd::Put { conn, queue, messages, received } => self.handle_put(conn, &queue, messages, received),
-            NodeCmd::Confirm { conn, handle_id, consumer, queue, messages } => {
-                self.handle_confirm(conn, handle_id, consumer, &queue, messages)
-            }
-            NodeCmd::Nack { consumer, queue, entries } => self.handle_nack(consumer, &queue, entries),
+            NodeCmd::Put {
+                conn,
+                queue,
+                messages,
+                received,
+            } => self.handle_put(conn, &queue, messages, received),
+            NodeCmd::Confirm {
+                conn,
+                handle_id,
+                consumer,
+                queue,
+                messages,
+            } => self.handle_confirm(conn, handle_id, consumer, &queue, messages),
+            NodeCmd::Nack {
+                consumer,
+                queue,
+                entries,
+            } => self.handle_nack(consumer, &queue, entries),
             NodeCmd::ConnClosed { consumers } => {
                 for c in consumers {
                     self.remove_consumer(c);
@@ -286,11 +344,24 @@ impl Node {
     }
 
     fn queue_partition_ids(&self, queue: &str) -> Option<Vec<u64>> {
-        self.meta.queue(queue).map(|d| d.group_ids().map(|(_, g)| g).collect())
+        self.meta
+            .queue(queue)
+            .map(|d| d.group_ids().map(|(_, g)| g).collect())
     }
 
     fn handle_open(&mut self, cmd: NodeCmd) {
-        let NodeCmd::Open { conn, req_id, handle_id, queue, subscription, consumer, reply } = cmd else { return };
+        let NodeCmd::Open {
+            conn,
+            req_id,
+            handle_id,
+            queue,
+            subscription,
+            consumer,
+            reply,
+        } = cmd
+        else {
+            return;
+        };
         if let Err(e) = meta::validate_queue_name(&queue) {
             let _ = reply.send(Err(Rejection::new(Status::InvalidArgument, e)));
             return;
@@ -304,7 +375,10 @@ impl Node {
         }
         let Some(def) = self.meta.queue(&queue).cloned() else {
             if !self.cfg.auto_create_queues {
-                let _ = reply.send(Err(Rejection::new(Status::UnknownQueue, format!("no queue named {queue:?}"))));
+                let _ = reply.send(Err(Rejection::new(
+                    Status::UnknownQueue,
+                    format!("no queue named {queue:?}"),
+                )));
                 return;
             }
             let spec = match self.effective_spec(&QueueSpec::default()) {
@@ -314,19 +388,43 @@ impl Node {
                     return;
                 }
             };
-            let cmd = MetaCommand::CreateQueue { name: queue.clone(), spec, now_ms: now_ms() };
-            let waiter =
-                MetaWaiter::Open(Box::new(NodeCmd::Open { conn, req_id, handle_id, queue, subscription, consumer, reply }));
+            let cmd = MetaCommand::CreateQueue {
+                name: queue.clone(),
+                spec,
+                now_ms: now_ms(),
+            };
+            let waiter = MetaWaiter::Open(Box::new(NodeCmd::Open {
+                conn,
+                req_id,
+                handle_id,
+                queue,
+                subscription,
+                consumer,
+                reply,
+            }));
             self.propose_meta(cmd, waiter);
             return;
         };
         // OpenQueueOk goes out on the connection's channel before the first PUSH can.
-        conn.send(Frame::OpenQueueOk { req_id, queue_id: handle_id, partitions: def.partitions });
+        conn.send(Frame::OpenQueueOk {
+            req_id,
+            queue_id: handle_id,
+            partitions: def.partitions,
+        });
         let consumer_id = consumer.map(|limits| self.add_consumer(conn, handle_id, &def, limits));
-        let _ = reply.send(Ok(Opened { partitions: def.partitions, consumer: consumer_id }));
+        let _ = reply.send(Ok(Opened {
+            partitions: def.partitions,
+            consumer: consumer_id,
+        }));
     }
 
-    fn add_consumer(&mut self, conn: ConnTx, handle_id: u32, def: &QueueDef, limits: FlowLimits) -> ConsumerId {
+    fn add_consumer(
+        &mut self,
+        conn: ConnTx,
+        handle_id: u32,
+        def: &QueueDef,
+        limits: FlowLimits,
+    ) -> ConsumerId {
         let id = self.next_consumer_id;
         self.next_consumer_id += 1;
         let queue: Arc<str> = Arc::from(def.name.as_str());
@@ -335,12 +433,22 @@ impl Node {
                 p.add_consumer(id, limits);
             }
         }
-        self.consumers.insert(id, Consumer { conn, handle_id, queue, limits });
+        self.consumers.insert(
+            id,
+            Consumer {
+                conn,
+                handle_id,
+                queue,
+                limits,
+            },
+        );
         id
     }
 
     fn remove_consumer(&mut self, id: ConsumerId) {
-        let Some(c) = self.consumers.remove(&id) else { return };
+        let Some(c) = self.consumers.remove(&id) else {
+            return;
+        };
         for gid in self.queue_partition_ids(&c.queue).unwrap_or_default() {
             if let Some(p) = self.partitions.get_mut(&gid) {
                 p.remove_consumer(id);
@@ -349,7 +457,9 @@ impl Node {
     }
 
     fn configure_consumer(&mut self, id: ConsumerId, limits: FlowLimits) {
-        let Some(c) = self.consumers.get_mut(&id) else { return };
+        let Some(c) = self.consumers.get_mut(&id) else {
+            return;
+        };
         c.limits = limits;
         let queue = c.queue.clone();
         for gid in self.queue_partition_ids(&queue).unwrap_or_default() {
@@ -361,7 +471,13 @@ impl Node {
 
     // ----- data path -------------------------------------------------------------
 
-    fn handle_put(&mut self, conn: ConnTx, queue: &str, messages: Vec<PutMessage>, received: Instant) {
+    fn handle_put(
+        &mut self,
+        conn: ConnTx,
+        queue: &str,
+        messages: Vec<PutMessage>,
+        received: Instant,
+    ) {
         if self.stopping {
             // The loop is leaving: no ACK, the connection closes and the client
             // retransmits with the same GUIDs elsewhere (or after the restart).
@@ -371,7 +487,10 @@ impl Node {
             reject_puts(&conn, &messages, Status::UnknownQueue);
             return;
         };
-        self.metrics.puts.get_or_create(&queue_labels(queue)).inc_by(messages.len() as u64);
+        self.metrics
+            .puts
+            .get_or_create(&queue_labels(queue))
+            .inc_by(messages.len() as u64);
         let status = self.admission(&messages);
         if status != Status::Ok {
             self.count_acks(queue, status, messages.len());
@@ -389,7 +508,11 @@ impl Node {
         }
         let mut by_partition: BTreeMap<usize, Vec<PutMessage>> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
-            let p = if m.key.is_empty() { (conn.id as usize + i) % gids.len() } else { key_partition(&m.key, gids.len()) };
+            let p = if m.key.is_empty() {
+                (conn.id as usize + i) % gids.len()
+            } else {
+                key_partition(&m.key, gids.len())
+            };
             by_partition.entry(p).or_default().push(m);
         }
         for (p, msgs) in by_partition {
@@ -412,7 +535,14 @@ impl Node {
         Status::Ok
     }
 
-    fn handle_confirm(&mut self, conn: ConnTx, handle_id: u32, consumer: ConsumerId, queue: &str, refs: Vec<MessageRef>) {
+    fn handle_confirm(
+        &mut self,
+        conn: ConnTx,
+        handle_id: u32,
+        consumer: ConsumerId,
+        queue: &str,
+        refs: Vec<MessageRef>,
+    ) {
         let Some(gids) = self.queue_partition_ids(queue) else {
             return;
         };
@@ -420,7 +550,10 @@ impl Node {
         let mut by_partition: BTreeMap<usize, Vec<tern_proto::Guid>> = BTreeMap::new();
         for r in refs {
             match gids.get(usize::from(r.partition)) {
-                Some(_) => by_partition.entry(usize::from(r.partition)).or_default().push(r.guid),
+                Some(_) => by_partition
+                    .entry(usize::from(r.partition))
+                    .or_default()
+                    .push(r.guid),
                 None => rejected.push(r.guid),
             }
         }
@@ -432,16 +565,27 @@ impl Node {
         if !rejected.is_empty() {
             let entries = rejected
                 .into_iter()
-                .map(|guid| tern_proto::ConfirmAckEntry { guid, status: Status::UnknownMessage })
+                .map(|guid| tern_proto::ConfirmAckEntry {
+                    guid,
+                    status: Status::UnknownMessage,
+                })
                 .collect();
-            conn.send(Frame::ConfirmAck { queue_id: handle_id, entries });
+            conn.send(Frame::ConfirmAck {
+                queue_id: handle_id,
+                entries,
+            });
         }
     }
 
     fn handle_nack(&mut self, consumer: ConsumerId, queue: &str, entries: Vec<NackEntry>) {
-        let Some(gids) = self.queue_partition_ids(queue) else { return };
+        let Some(gids) = self.queue_partition_ids(queue) else {
+            return;
+        };
         for e in entries {
-            if let Some(part) = gids.get(usize::from(e.partition)).and_then(|g| self.partitions.get_mut(g)) {
+            if let Some(part) = gids
+                .get(usize::from(e.partition))
+                .and_then(|g| self.partitions.get_mut(g))
+            {
                 part.nack(consumer, e.guid);
             }
         }
@@ -485,8 +629,12 @@ impl Node {
     }
 
     fn process_partition_ready(&mut self, gid: u64) -> Result<bool, NodeError> {
-        let Some(part) = self.partitions.get_mut(&gid) else { return Ok(false) };
-        let Some(out) = part.group.handle_ready()? else { return Ok(false) };
+        let Some(part) = self.partitions.get_mut(&gid) else {
+            return Ok(false);
+        };
+        let Some(out) = part.group.handle_ready()? else {
+            return Ok(false);
+        };
         if let Some(d) = out.sync_duration {
             self.metrics.fsync_latency.observe(d.as_secs_f64());
         }
@@ -499,7 +647,9 @@ impl Node {
     }
 
     fn process_meta_ready(&mut self) -> Result<bool, NodeError> {
-        let Some(out) = self.meta_group.handle_ready()? else { return Ok(false) };
+        let Some(out) = self.meta_group.handle_ready()? else {
+            return Ok(false);
+        };
         if let Some(d) = out.sync_duration {
             self.metrics.fsync_latency.observe(d.as_secs_f64());
         }
@@ -510,7 +660,10 @@ impl Node {
             let outcome = match serde_json::from_slice::<MetaCommand>(&entry.data) {
                 Ok(cmd) => self.apply_meta(&cmd)?,
                 Err(e) => {
-                    tracing::error!(index = entry.index, "undecodable metadata entry skipped: {e}");
+                    tracing::error!(
+                        index = entry.index,
+                        "undecodable metadata entry skipped: {e}"
+                    );
                     continue;
                 }
             };
@@ -536,8 +689,12 @@ impl Node {
     }
 
     fn drop_partitions(&mut self, def: &QueueDef) {
-        let consumers: Vec<ConsumerId> =
-            self.consumers.iter().filter(|(_, c)| &*c.queue == def.name.as_str()).map(|(id, _)| *id).collect();
+        let consumers: Vec<ConsumerId> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| &*c.queue == def.name.as_str())
+            .map(|(id, _)| *id)
+            .collect();
         for c in consumers {
             self.consumers.remove(&c);
         }
@@ -556,13 +713,18 @@ impl Node {
     fn propose_meta(&mut self, cmd: MetaCommand, waiter: MetaWaiter) {
         let data = match serde_json::to_vec(&cmd) {
             Ok(d) => d,
-            Err(e) => return self.answer_meta_err(waiter, Rejection::new(Status::Internal, e.to_string())),
+            Err(e) => {
+                return self
+                    .answer_meta_err(waiter, Rejection::new(Status::Internal, e.to_string()))
+            }
         };
         match self.meta_group.propose(data.into()) {
             Ok((index, term)) => {
                 self.meta_pending.insert(index, (term, waiter));
             }
-            Err(e) => self.answer_meta_err(waiter, Rejection::new(Status::Unavailable, e.to_string())),
+            Err(e) => {
+                self.answer_meta_err(waiter, Rejection::new(Status::Unavailable, e.to_string()))
+            }
         }
     }
 
@@ -580,7 +742,9 @@ impl Node {
                         format!("queue {:?} already exists", def.name),
                     )),
                     MetaOutcome::Deleted(_) => Ok(AdminReply::Done { done: true }),
-                    MetaOutcome::NotFound => Err(Rejection::new(Status::UnknownQueue, "no such queue")),
+                    MetaOutcome::NotFound => {
+                        Err(Rejection::new(Status::UnknownQueue, "no such queue"))
+                    }
                 };
                 let _ = reply.send(result);
             }
@@ -588,7 +752,10 @@ impl Node {
     }
 
     fn answer_meta_lost(&mut self, waiter: MetaWaiter) {
-        self.answer_meta_err(waiter, Rejection::new(Status::Unavailable, "leadership changed; retry"));
+        self.answer_meta_err(
+            waiter,
+            Rejection::new(Status::Unavailable, "leadership changed; retry"),
+        );
     }
 
     fn answer_meta_err(&mut self, waiter: MetaWaiter, r: Rejection) {
@@ -615,7 +782,10 @@ impl Node {
 
     fn consumers_view(&self) -> HashMap<ConsumerId, (ConnTx, u32)> {
         // Cheap: a handful of consumers per partition; rebuilt per round only when dispatching.
-        self.consumers.iter().map(|(id, c)| (*id, (c.conn.clone(), c.handle_id))).collect()
+        self.consumers
+            .iter()
+            .map(|(id, c)| (*id, (c.conn.clone(), c.handle_id)))
+            .collect()
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), NodeError> {
@@ -645,7 +815,11 @@ impl Node {
 
     // ----- admin -----------------------------------------------------------------
 
-    fn handle_admin(&mut self, req: AdminRequest, reply: oneshot::Sender<Result<AdminReply, Rejection>>) {
+    fn handle_admin(
+        &mut self,
+        req: AdminRequest,
+        reply: oneshot::Sender<Result<AdminReply, Rejection>>,
+    ) {
         match req {
             AdminRequest::CreateQueue { name, spec } => {
                 if let Err(e) = meta::validate_queue_name(&name) {
@@ -658,12 +832,19 @@ impl Node {
                             let result = if def.spec == spec {
                                 Ok(AdminReply::Queue(self.queue_info(&def.clone())))
                             } else {
-                                Err(Rejection::new(Status::QueueExists, format!("queue {name:?} exists with other settings")))
+                                Err(Rejection::new(
+                                    Status::QueueExists,
+                                    format!("queue {name:?} exists with other settings"),
+                                ))
                             };
                             let _ = reply.send(result);
                             return;
                         }
-                        let cmd = MetaCommand::CreateQueue { name, spec, now_ms: now_ms() };
+                        let cmd = MetaCommand::CreateQueue {
+                            name,
+                            spec,
+                            now_ms: now_ms(),
+                        };
                         self.propose_meta(cmd, MetaWaiter::Admin(reply));
                     }
                     Err(r) => {
@@ -673,7 +854,10 @@ impl Node {
             }
             AdminRequest::DeleteQueue { name } => {
                 if self.meta.queue(&name).is_none() {
-                    let _ = reply.send(Err(Rejection::new(Status::UnknownQueue, format!("no queue named {name:?}"))));
+                    let _ = reply.send(Err(Rejection::new(
+                        Status::UnknownQueue,
+                        format!("no queue named {name:?}"),
+                    )));
                     return;
                 }
                 self.propose_meta(MetaCommand::DeleteQueue { name }, MetaWaiter::Admin(reply));
@@ -687,7 +871,10 @@ impl Node {
             AdminRequest::QueueStats { name } => {
                 let result = match self.meta.queue(&name).cloned() {
                     Some(def) => Ok(AdminReply::Queue(self.queue_info(&def))),
-                    None => Err(Rejection::new(Status::UnknownQueue, format!("no queue named {name:?}"))),
+                    None => Err(Rejection::new(
+                        Status::UnknownQueue,
+                        format!("no queue named {name:?}"),
+                    )),
                 };
                 let _ = reply.send(result);
             }
@@ -699,7 +886,10 @@ impl Node {
 
     fn start_purge(&mut self, name: &str, reply: oneshot::Sender<Result<AdminReply, Rejection>>) {
         let Some(gids) = self.queue_partition_ids(name) else {
-            let _ = reply.send(Err(Rejection::new(Status::UnknownQueue, format!("no queue named {name:?}"))));
+            let _ = reply.send(Err(Rejection::new(
+                Status::UnknownQueue,
+                format!("no queue named {name:?}"),
+            )));
             return;
         };
         let id = self.next_purge_id;
@@ -713,14 +903,26 @@ impl Node {
             }
         }
         if proposed < gids.len() {
-            let _ = reply.send(Err(Rejection::new(Status::Unavailable, "a partition has no leader; retry")));
+            let _ = reply.send(Err(Rejection::new(
+                Status::Unavailable,
+                "a partition has no leader; retry",
+            )));
             return;
         }
-        self.purges.insert(id, PurgeWait { remaining: proposed, removed: 0, reply });
+        self.purges.insert(
+            id,
+            PurgeWait {
+                remaining: proposed,
+                removed: 0,
+                reply,
+            },
+        );
     }
 
     fn finish_purge(&mut self, id: u64, removed: u64) {
-        let Some(w) = self.purges.get_mut(&id) else { return };
+        let Some(w) = self.purges.get_mut(&id) else {
+            return;
+        };
         w.remaining -= 1;
         w.removed += removed;
         if w.remaining == 0 {
@@ -736,11 +938,15 @@ impl Node {
         let invalid = |m: String| Err(Rejection::new(Status::InvalidArgument, m));
         let mode = spec.mode.clone().unwrap_or_else(|| "work".into());
         if mode != "work" {
-            return invalid(format!("mode {mode:?} is not supported by this build (supported: work)"));
+            return invalid(format!(
+                "mode {mode:?} is not supported by this build (supported: work)"
+            ));
         }
         let storage = spec.storage.clone().unwrap_or_else(|| "durable".into());
         if storage != "durable" {
-            return invalid(format!("storage {storage:?} is not supported by this build (supported: durable)"));
+            return invalid(format!(
+                "storage {storage:?} is not supported by this build (supported: durable)"
+            ));
         }
         let partitions = spec.partitions.unwrap_or(d.partitions);
         if partitions == 0 || partitions > 1024 {
@@ -749,11 +955,16 @@ impl Node {
         let max_message_bytes = spec.max_message_bytes.unwrap_or(d.max_message_bytes);
         let frame_room = self.cfg.max_frame_bytes.saturating_sub(1024);
         if max_message_bytes == 0 || max_message_bytes > frame_room {
-            return invalid(format!("max_message_bytes must be in 1..={frame_room}, got {max_message_bytes}"));
+            return invalid(format!(
+                "max_message_bytes must be in 1..={frame_room}, got {max_message_bytes}"
+            ));
         }
         for (name, v) in [
             ("visibility_timeout_ms", spec.visibility_timeout_ms),
-            ("max_delivery_attempts", spec.max_delivery_attempts.map(u64::from)),
+            (
+                "max_delivery_attempts",
+                spec.max_delivery_attempts.map(u64::from),
+            ),
             ("default_ttl_ms", spec.default_ttl_ms),
             ("max_ttl_ms", spec.max_ttl_ms),
             ("retention_max_age_ms", spec.retention_max_age_ms),
@@ -780,9 +991,15 @@ impl Node {
 
     fn queue_info(&self, def: &QueueDef) -> QueueInfo {
         let now = now_ms();
-        let mut info = QueueInfo { name: def.name.clone(), spec: def.spec.clone(), ..Default::default() };
+        let mut info = QueueInfo {
+            name: def.name.clone(),
+            spec: def.spec.clone(),
+            ..Default::default()
+        };
         for (_, gid) in def.group_ids() {
-            let Some(p) = self.partitions.get(&gid) else { continue };
+            let Some(p) = self.partitions.get(&gid) else {
+                continue;
+            };
             let pi = p.info(now);
             info.depth += pi.depth;
             info.bytes += pi.bytes;
@@ -793,7 +1010,11 @@ impl Node {
             };
             info.partitions.push(pi);
         }
-        info.consumers = self.consumers.values().filter(|c| &*c.queue == def.name.as_str()).count() as u64;
+        info.consumers = self
+            .consumers
+            .values()
+            .filter(|c| &*c.queue == def.name.as_str())
+            .count() as u64;
         info
     }
 
@@ -825,18 +1046,30 @@ impl Node {
     fn count_acks(&self, queue: &str, status: Status, n: usize) {
         self.metrics
             .acks
-            .get_or_create(&crate::metrics::StatusLabels { queue: queue.to_string(), status: status.name().to_string() })
+            .get_or_create(&crate::metrics::StatusLabels {
+                queue: queue.to_string(),
+                status: status.name().to_string(),
+            })
             .inc_by(n as u64);
     }
 }
 
 fn queue_labels(queue: &str) -> crate::metrics::QueueLabels {
-    crate::metrics::QueueLabels { queue: queue.to_string() }
+    crate::metrics::QueueLabels {
+        queue: queue.to_string(),
+    }
 }
 
 /// Answers every message of a PUT with the same failure status.
 pub(crate) fn reject_puts(conn: &ConnTx, messages: &[PutMessage], status: Status) {
-    let acks = messages.iter().map(|m| tern_proto::AckEntry { guid: m.guid, status, flags: 0 }).collect();
+    let acks = messages
+        .iter()
+        .map(|m| tern_proto::AckEntry {
+            guid: m.guid,
+            status,
+            flags: 0,
+        })
+        .collect();
     conn.send(Frame::Ack { acks });
 }
 
@@ -873,7 +1106,11 @@ struct DiskGuard {
 
 impl DiskGuard {
     fn new(dir: std::path::PathBuf, min_free_bytes: u64) -> Self {
-        let mut g = DiskGuard { dir, min_free_bytes, has_room: true };
+        let mut g = DiskGuard {
+            dir,
+            min_free_bytes,
+            has_room: true,
+        };
         g.refresh();
         g
     }
@@ -887,7 +1124,11 @@ impl DiskGuard {
             let was = self.has_room;
             self.has_room = free >= self.min_free_bytes;
             if was && !self.has_room {
-                tracing::warn!(free, min = self.min_free_bytes, "disk below free-space reserve: refusing PUTs");
+                tracing::warn!(
+                    free,
+                    min = self.min_free_bytes,
+                    "disk below free-space reserve: refusing PUTs"
+                );
             }
         }
     }

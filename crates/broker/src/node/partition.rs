@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use tern_proto::admin::{PartitionInfo, QueueSpec};
 use tern_proto::{AckEntry, ConfirmAckEntry, Frame, Guid, PushMessage, Status, ACK_DURABLE};
 use tern_queue::{
-    Applied, Command, ConfirmOutcome, ConsumerId, Delivery, Dispatcher, FlowLimits, PartitionState, PutOutcome,
-    QueueConfig,
+    Applied, Command, ConfirmOutcome, ConsumerId, Delivery, Dispatcher, FlowLimits, PartitionState,
+    PutOutcome, QueueConfig,
 };
 use tern_replication::{Group, GroupConfig, ReadyOutput, ReplicationError};
 
@@ -76,9 +76,15 @@ struct ConfirmBatch {
 
 enum PendingKind {
     /// Keeps the messages so a proposal lost to a leader change can be proposed again.
-    Puts { batch: PutBatch },
-    Confirms { batch: ConfirmBatch },
-    Purge { id: u64 },
+    Puts {
+        batch: PutBatch,
+    },
+    Confirms {
+        batch: ConfirmBatch,
+    },
+    Purge {
+        id: u64,
+    },
 }
 
 struct Pending {
@@ -114,12 +120,19 @@ pub struct Partition {
 }
 
 impl Partition {
-    pub fn open(queue: Arc<str>, index: u16, gcfg: &GroupConfig, limits: PartitionLimits) -> Result<Self, ReplicationError> {
+    pub fn open(
+        queue: Arc<str>,
+        index: u16,
+        gcfg: &GroupConfig,
+        limits: PartitionLimits,
+    ) -> Result<Self, ReplicationError> {
         let (mut group, snapshot) = Group::open(gcfg)?;
         let state = match snapshot {
-            Some(bytes) => PartitionState::restore(&bytes, limits.config).map_err(|e| ReplicationError::CorruptState {
-                path: gcfg.dir.join("snapshot"),
-                reason: e.to_string(),
+            Some(bytes) => PartitionState::restore(&bytes, limits.config).map_err(|e| {
+                ReplicationError::CorruptState {
+                    path: gcfg.dir.join("snapshot"),
+                    reason: e.to_string(),
+                }
             })?,
             None => PartitionState::new(limits.config),
         };
@@ -171,17 +184,37 @@ impl Partition {
 
     // ----- PUT and CONFIRM batching ---------------------------------------------
 
-    pub fn enqueue_puts(&mut self, conn: ConnTx, messages: Vec<tern_proto::PutMessage>, received: Instant) {
+    pub fn enqueue_puts(
+        &mut self,
+        conn: ConnTx,
+        messages: Vec<tern_proto::PutMessage>,
+        received: Instant,
+    ) {
         let count = messages.len();
         for m in messages {
             self.batch.bytes += m.payload.len() as u64;
-            self.batch.msgs.push(tern_queue::PutMessage { guid: m.guid, ttl_ms: m.ttl_ms, key: m.key, payload: m.payload });
+            self.batch.msgs.push(tern_queue::PutMessage {
+                guid: m.guid,
+                ttl_ms: m.ttl_ms,
+                key: m.key,
+                payload: m.payload,
+            });
         }
-        self.batch.origins.push(Origin { conn, count, received });
+        self.batch.origins.push(Origin {
+            conn,
+            count,
+            received,
+        });
     }
 
     /// Queues CONFIRMs checked against the dispatcher; returns GUIDs this consumer does not hold.
-    pub fn enqueue_confirms(&mut self, conn: &ConnTx, handle_id: u32, consumer: ConsumerId, guids: Vec<Guid>) -> Vec<Guid> {
+    pub fn enqueue_confirms(
+        &mut self,
+        conn: &ConnTx,
+        handle_id: u32,
+        consumer: ConsumerId,
+        guids: Vec<Guid>,
+    ) -> Vec<Guid> {
         let mut rejected = Vec::new();
         let mut count = 0;
         for g in guids {
@@ -193,7 +226,11 @@ impl Partition {
             }
         }
         if count > 0 {
-            self.confirms.origins.push(ConfirmOrigin { conn: conn.clone(), handle_id, count });
+            self.confirms.origins.push(ConfirmOrigin {
+                conn: conn.clone(),
+                handle_id,
+                count,
+            });
         }
         rejected
     }
@@ -202,7 +239,8 @@ impl Partition {
     pub fn flush(&mut self, max_entry_bytes: u64, metrics: &Metrics) {
         if !self.group.is_leader() {
             if !self.batch.msgs.is_empty() {
-                self.parked.push_back((std::mem::take(&mut self.batch), Instant::now()));
+                self.parked
+                    .push_back((std::mem::take(&mut self.batch), Instant::now()));
             }
             // CONFIRMs need the leader's dispatcher; a non-leader has none to check against.
             self.confirms = ConfirmBatch::default();
@@ -217,11 +255,21 @@ impl Partition {
         }
         let confirms = std::mem::take(&mut self.confirms);
         if !confirms.guids.is_empty() {
-            let cmd = Command::Confirm { now_ms: now_ms(), subscription: String::new(), guids: confirms.guids.clone() };
+            let cmd = Command::Confirm {
+                now_ms: now_ms(),
+                subscription: String::new(),
+                guids: confirms.guids.clone(),
+            };
             match self.group.propose(cmd.encode()) {
                 Ok((index, term)) => {
                     metrics.entries_proposed.inc();
-                    self.pending.insert(index, Pending { term, kind: PendingKind::Confirms { batch: confirms } });
+                    self.pending.insert(
+                        index,
+                        Pending {
+                            term,
+                            kind: PendingKind::Confirms { batch: confirms },
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, "confirm proposal failed: {e}");
@@ -233,13 +281,24 @@ impl Partition {
 
     fn propose_puts(&mut self, batch: PutBatch, max_entry_bytes: u64, metrics: &Metrics) {
         for chunk in split_batch(batch, max_entry_bytes) {
-            let cmd = Command::Put { now_ms: now_ms(), messages: chunk.msgs.clone() };
+            let cmd = Command::Put {
+                now_ms: now_ms(),
+                messages: chunk.msgs.clone(),
+            };
             match self.group.propose(cmd.encode()) {
                 Ok((index, term)) => {
                     metrics.entries_proposed.inc();
-                    self.pending.insert(index, Pending { term, kind: PendingKind::Puts { batch: chunk } });
+                    self.pending.insert(
+                        index,
+                        Pending {
+                            term,
+                            kind: PendingKind::Puts { batch: chunk },
+                        },
+                    );
                 }
-                Err(ReplicationError::NotLeader { .. }) => self.parked.push_back((chunk, Instant::now())),
+                Err(ReplicationError::NotLeader { .. }) => {
+                    self.parked.push_back((chunk, Instant::now()))
+                }
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, "put proposal refused: {e}");
                     answer_puts_failed(&self.queue, chunk, Status::Overloaded, metrics);
@@ -249,8 +308,16 @@ impl Partition {
     }
 
     pub fn propose_purge(&mut self, id: u64) -> Result<(), ReplicationError> {
-        let (index, term) = self.group.propose(Command::Purge { now_ms: now_ms() }.encode())?;
-        self.pending.insert(index, Pending { term, kind: PendingKind::Purge { id } });
+        let (index, term) = self
+            .group
+            .propose(Command::Purge { now_ms: now_ms() }.encode())?;
+        self.pending.insert(
+            index,
+            Pending {
+                term,
+                kind: PendingKind::Purge { id },
+            },
+        );
         Ok(())
     }
 
@@ -276,11 +343,7 @@ impl Partition {
     // ----- apply -----------------------------------------------------------------
 
     /// Applies a Ready's committed entries and answers the proposals they complete.
-    pub fn apply_ready(
-        &mut self,
-        out: ReadyOutput,
-        metrics: &Metrics,
-    ) -> ApplyResult {
+    pub fn apply_ready(&mut self, out: ReadyOutput, metrics: &Metrics) -> ApplyResult {
         let mut result = ApplyResult::default();
         for entry in out.committed {
             if entry.data.is_empty() {
@@ -316,28 +379,60 @@ impl Partition {
         result
     }
 
-    fn answer(&mut self, kind: PendingKind, applied: &Applied, metrics: &Metrics, result: &mut ApplyResult) {
+    fn answer(
+        &mut self,
+        kind: PendingKind,
+        applied: &Applied,
+        metrics: &Metrics,
+        result: &mut ApplyResult,
+    ) {
         match (kind, applied) {
             (PendingKind::Puts { batch }, Applied::Put(outcomes)) => {
                 result.answered_bytes += batch.bytes;
                 debug_assert_eq!(outcomes.len(), batch.msgs.len());
-                let statuses: HashMap<Guid, Status> = outcomes.iter().map(|(g, o)| (*g, put_status(o))).collect();
+                let statuses: HashMap<Guid, Status> =
+                    outcomes.iter().map(|(g, o)| (*g, put_status(o))).collect();
                 for o in &batch.origins {
-                    metrics.ack_latency.observe(o.received.elapsed().as_secs_f64());
+                    metrics
+                        .ack_latency
+                        .observe(o.received.elapsed().as_secs_f64());
                 }
                 self.count_acks(&batch, &statuses, metrics);
-                answer_batch(&batch, |g| statuses.get(g).copied().unwrap_or(Status::Internal));
+                answer_batch(&batch, |g| {
+                    statuses.get(g).copied().unwrap_or(Status::Internal)
+                });
             }
             (PendingKind::Confirms { batch }, Applied::Confirm(outcomes)) => {
-                let settled = outcomes.iter().filter(|(_, o)| matches!(o, ConfirmOutcome::Settled)).count();
-                metrics.confirms.get_or_create(&QueueLabels { queue: self.queue.to_string() }).inc_by(settled as u64);
+                let settled = outcomes
+                    .iter()
+                    .filter(|(_, o)| matches!(o, ConfirmOutcome::Settled))
+                    .count();
+                metrics
+                    .confirms
+                    .get_or_create(&QueueLabels {
+                        queue: self.queue.to_string(),
+                    })
+                    .inc_by(settled as u64);
                 let statuses: HashMap<Guid, Status> = outcomes
                     .iter()
-                    .map(|(g, o)| (*g, if matches!(o, ConfirmOutcome::Settled) { Status::Ok } else { Status::UnknownMessage }))
+                    .map(|(g, o)| {
+                        (
+                            *g,
+                            if matches!(o, ConfirmOutcome::Settled) {
+                                Status::Ok
+                            } else {
+                                Status::UnknownMessage
+                            },
+                        )
+                    })
                     .collect();
-                answer_confirms(batch, |g| statuses.get(g).copied().unwrap_or(Status::Internal));
+                answer_confirms(batch, |g| {
+                    statuses.get(g).copied().unwrap_or(Status::Internal)
+                });
             }
-            (PendingKind::Purge { id }, Applied::Purge { removed }) => result.purged.push((id, *removed)),
+            (PendingKind::Purge { id }, Applied::Purge { removed }) => {
+                result.purged.push((id, *removed))
+            }
             (kind, _) => {
                 // The entry at our index is a different command: our proposal was replaced.
                 tracing::error!(queue = %self.queue, "applied entry does not match its proposal");
@@ -365,7 +460,10 @@ impl Partition {
         for (status, n) in counts {
             metrics
                 .acks
-                .get_or_create(&StatusLabels { queue: self.queue.to_string(), status: status.to_string() })
+                .get_or_create(&StatusLabels {
+                    queue: self.queue.to_string(),
+                    status: status.to_string(),
+                })
                 .inc_by(n);
         }
     }
@@ -373,12 +471,18 @@ impl Partition {
     // ----- delivery --------------------------------------------------------------
 
     /// PUSHes what the dispatcher hands out, reading payloads from the log.
-    pub fn dispatch(&mut self, consumers: &HashMap<ConsumerId, (ConnTx, u32)>, metrics: &Metrics) -> Result<(), ReplicationError> {
+    pub fn dispatch(
+        &mut self,
+        consumers: &HashMap<ConsumerId, (ConnTx, u32)>,
+        metrics: &Metrics,
+    ) -> Result<(), ReplicationError> {
         if !self.dispatch_dirty || !self.group.is_leader() {
             return Ok(());
         }
         self.dispatch_dirty = false;
-        let deliveries = self.dispatcher.poll(&self.state, now_ms(), MAX_PUSH_PER_ROUND);
+        let deliveries = self
+            .dispatcher
+            .poll(&self.state, now_ms(), MAX_PUSH_PER_ROUND);
         if deliveries.len() == MAX_PUSH_PER_ROUND {
             self.dispatch_dirty = true; // more may be waiting: continue next round
         }
@@ -395,8 +499,16 @@ impl Partition {
         for (consumer, messages) in frames {
             match consumers.get(&consumer) {
                 Some((conn, handle_id)) => {
-                    metrics.pushes.get_or_create(&QueueLabels { queue: self.queue.to_string() }).inc_by(messages.len() as u64);
-                    conn.send(Frame::Push { queue_id: *handle_id, messages });
+                    metrics
+                        .pushes
+                        .get_or_create(&QueueLabels {
+                            queue: self.queue.to_string(),
+                        })
+                        .inc_by(messages.len() as u64);
+                    conn.send(Frame::Push {
+                        queue_id: *handle_id,
+                        messages,
+                    });
                 }
                 None => {
                     // The consumer left between poll and send: give its messages back.
@@ -423,7 +535,10 @@ impl Partition {
         if end > data.len() {
             return Err(ReplicationError::CorruptState {
                 path: Default::default(),
-                reason: format!("payload location {loc:?} outside entry of {} bytes", data.len()),
+                reason: format!(
+                    "payload location {loc:?} outside entry of {} bytes",
+                    data.len()
+                ),
             });
         }
         Ok(data.slice(start..end))
@@ -489,13 +604,28 @@ impl Partition {
     }
 
     pub fn update_gauges(&self, metrics: &Metrics) {
-        let labels = PartitionLabels { queue: self.queue.to_string(), partition: self.index.to_string() };
+        let labels = PartitionLabels {
+            queue: self.queue.to_string(),
+            partition: self.index.to_string(),
+        };
         let stats = self.state.stats();
         metrics.depth.get_or_create(&labels).set(stats.depth as i64);
-        metrics.queue_bytes.get_or_create(&labels).set(stats.bytes as i64);
-        metrics.in_flight.get_or_create(&labels).set(self.dispatcher.inflight() as i64);
-        metrics.consumers.get_or_create(&labels).set(self.dispatcher.consumer_count() as i64);
-        metrics.log_disk_bytes.get_or_create(&labels).set(self.group.log_disk_bytes() as i64);
+        metrics
+            .queue_bytes
+            .get_or_create(&labels)
+            .set(stats.bytes as i64);
+        metrics
+            .in_flight
+            .get_or_create(&labels)
+            .set(self.dispatcher.inflight() as i64);
+        metrics
+            .consumers
+            .get_or_create(&labels)
+            .set(self.dispatcher.consumer_count() as i64);
+        metrics
+            .log_disk_bytes
+            .get_or_create(&labels)
+            .set(self.group.log_disk_bytes() as i64);
     }
 
     /// The queue is being deleted: answer everything still waiting. Returns PUT bytes released.
@@ -545,7 +675,11 @@ fn answer_batch(batch: &PutBatch, status_of: impl Fn(&Guid) -> Status) {
             .map(|m| {
                 let status = status_of(&m.guid);
                 let flags = if status == Status::Ok { ACK_DURABLE } else { 0 };
-                AckEntry { guid: m.guid, status, flags }
+                AckEntry {
+                    guid: m.guid,
+                    status,
+                    flags,
+                }
             })
             .collect();
         o.conn.send(Frame::Ack { acks });
@@ -555,7 +689,10 @@ fn answer_batch(batch: &PutBatch, status_of: impl Fn(&Guid) -> Status) {
 fn answer_puts_failed(queue: &str, batch: PutBatch, status: Status, metrics: &Metrics) {
     metrics
         .acks
-        .get_or_create(&StatusLabels { queue: queue.to_string(), status: status.name().to_string() })
+        .get_or_create(&StatusLabels {
+            queue: queue.to_string(),
+            status: status.name().to_string(),
+        })
         .inc_by(batch.msgs.len() as u64);
     answer_batch(&batch, |_| status);
 }
@@ -563,9 +700,18 @@ fn answer_puts_failed(queue: &str, batch: PutBatch, status: Status, metrics: &Me
 fn answer_confirms(batch: ConfirmBatch, status_of: impl Fn(&Guid) -> Status) {
     let mut guids = batch.guids.iter();
     for o in &batch.origins {
-        let entries: Vec<ConfirmAckEntry> =
-            guids.by_ref().take(o.count).map(|g| ConfirmAckEntry { guid: *g, status: status_of(g) }).collect();
-        o.conn.send(Frame::ConfirmAck { queue_id: o.handle_id, entries });
+        let entries: Vec<ConfirmAckEntry> = guids
+            .by_ref()
+            .take(o.count)
+            .map(|g| ConfirmAckEntry {
+                guid: *g,
+                status: status_of(g),
+            })
+            .collect();
+        o.conn.send(Frame::ConfirmAck {
+            queue_id: o.handle_id,
+            entries,
+        });
     }
 }
 
@@ -595,8 +741,14 @@ fn split_batch(batch: PutBatch, max_bytes: u64) -> Vec<PutBatch> {
         }
         if let Some(o) = &origin {
             match cur.origins.last_mut() {
-                Some(last) if last.conn.id == o.conn.id && last.received == o.received => last.count += 1,
-                _ => cur.origins.push(Origin { conn: o.conn.clone(), count: 1, received: o.received }),
+                Some(last) if last.conn.id == o.conn.id && last.received == o.received => {
+                    last.count += 1
+                }
+                _ => cur.origins.push(Origin {
+                    conn: o.conn.clone(),
+                    count: 1,
+                    received: o.received,
+                }),
             }
         }
         left_in_origin -= 1;
@@ -614,7 +766,12 @@ mod tests {
     use super::*;
 
     fn msg(i: u8, size: usize) -> tern_queue::PutMessage {
-        tern_queue::PutMessage { guid: [i; 16], ttl_ms: 0, key: Bytes::new(), payload: Bytes::from(vec![0u8; size]) }
+        tern_queue::PutMessage {
+            guid: [i; 16],
+            ttl_ms: 0,
+            key: Bytes::new(),
+            payload: Bytes::from(vec![0u8; size]),
+        }
     }
 
     #[test]
@@ -626,7 +783,18 @@ mod tests {
         let b = ConnTx { id: 2, tx: tx2 };
         let batch = PutBatch {
             msgs: (0..10).map(|i| msg(i, 100)).collect(),
-            origins: vec![Origin { conn: a, count: 3, received: now }, Origin { conn: b, count: 7, received: now }],
+            origins: vec![
+                Origin {
+                    conn: a,
+                    count: 3,
+                    received: now,
+                },
+                Origin {
+                    conn: b,
+                    count: 7,
+                    received: now,
+                },
+            ],
             bytes: 1000,
         };
         let chunks = split_batch(batch, 250);
@@ -635,10 +803,19 @@ mod tests {
         assert_eq!(total, 10);
         for c in &chunks {
             assert!(c.bytes <= 250);
-            assert_eq!(c.origins.iter().map(|o| o.count).sum::<usize>(), c.msgs.len());
+            assert_eq!(
+                c.origins.iter().map(|o| o.count).sum::<usize>(),
+                c.msgs.len()
+            );
         }
-        let owners: Vec<u64> =
-            chunks.iter().flat_map(|c| c.origins.iter().flat_map(|o| std::iter::repeat_n(o.conn.id, o.count))).collect();
+        let owners: Vec<u64> = chunks
+            .iter()
+            .flat_map(|c| {
+                c.origins
+                    .iter()
+                    .flat_map(|o| std::iter::repeat_n(o.conn.id, o.count))
+            })
+            .collect();
         assert_eq!(owners, vec![1, 1, 1, 2, 2, 2, 2, 2, 2, 2]);
     }
 }
