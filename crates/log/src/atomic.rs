@@ -10,7 +10,10 @@ use std::path::Path;
 const MAGIC: &[u8; 8] = b"TERNFIL1";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
-    move |source| LogError::Io { path: path.to_path_buf(), source }
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
@@ -28,7 +31,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
         f.sync_all().map_err(io(&tmp))?;
     }
     std::fs::rename(&tmp, path).map_err(io(path))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(())
 }
 
@@ -36,9 +41,18 @@ pub fn read_checked(path: &Path) -> Result<Option<Bytes>, LogError> {
     let data = match std::fs::read(path) {
         Ok(d) => Bytes::from(d),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(LogError::Io { path: path.to_path_buf(), source: e }),
+        Err(e) => {
+            return Err(LogError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })
+        }
     };
-    let corrupt = |offset: u64, reason: &str| LogError::Corrupt { path: path.to_path_buf(), offset, reason: reason.into() };
+    let corrupt = |offset: u64, reason: &str| LogError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    };
     if data.len() < 20 || &data[..8] != MAGIC {
         return Err(corrupt(0, "missing header"));
     }

@@ -38,7 +38,11 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { segment_max_bytes: 64 << 20, cache_max_bytes: 64 << 20, max_record_bytes: 64 << 20 }
+        LogOptions {
+            segment_max_bytes: 64 << 20,
+            cache_max_bytes: 64 << 20,
+            max_record_bytes: 64 << 20,
+        }
     }
 }
 
@@ -64,9 +68,16 @@ pub struct RecoveryReport {
 #[derive(thiserror::Error, Debug)]
 pub enum LogError {
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt log file {path} at byte offset {offset}: {reason}")]
-    Corrupt { path: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
     #[error("append must start at index {expected} or earlier, got {got}")]
     NonContiguous { expected: u64, got: u64 },
     #[error("index {index} is outside the log [{first}, {last}]")]
@@ -88,7 +99,10 @@ pub struct Log {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
-    move |source| LogError::Io { path: path.to_path_buf(), source }
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Log {
@@ -112,10 +126,18 @@ impl Log {
             let path = dir.join(segment::file_name(*first));
             if let Some(prev) = segments.last() {
                 if prev.next_index() != *first {
-                    return Err(LogError::Corrupt { path, offset: 0, reason: format!("gap: previous segment ends before index {}", prev.next_index()) });
+                    return Err(LogError::Corrupt {
+                        path,
+                        offset: 0,
+                        reason: format!(
+                            "gap: previous segment ends before index {}",
+                            prev.next_index()
+                        ),
+                    });
                 }
             }
-            let scan = Segment::recover(&path, *first, i + 1 == firsts.len(), opts.max_record_bytes)?;
+            let scan =
+                Segment::recover(&path, *first, i + 1 == firsts.len(), opts.max_record_bytes)?;
             if let Some(at) = scan.torn_at {
                 report.torn_tail = Some((path.clone(), at));
                 report.truncated_bytes += scan.truncated_bytes;
@@ -129,7 +151,14 @@ impl Log {
             dir_dirty = true;
         }
         report.segments = segments.len();
-        let mut log = Log { dir: dir.to_path_buf(), opts, segments, cache: VecDeque::new(), cache_bytes: 0, dir_dirty };
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            opts,
+            segments,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            dir_dirty,
+        };
         log.sync()?;
         Ok((log, report))
     }
@@ -155,16 +184,28 @@ impl Log {
     }
 
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
-        let Some(first) = entries.first() else { return Ok(()) };
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
         let next = self.last_index() + 1;
         if first.index > next || first.index < self.first_index() {
-            return Err(LogError::NonContiguous { expected: next, got: first.index });
+            return Err(LogError::NonContiguous {
+                expected: next,
+                got: first.index,
+            });
         }
         for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.index, first.index + i as u64, "entries passed to append must be contiguous");
+            assert_eq!(
+                e.index,
+                first.index + i as u64,
+                "entries passed to append must be contiguous"
+            );
             let size = record::encoded_len(e) as u64;
             if size > u64::from(self.opts.max_record_bytes) {
-                return Err(LogError::RecordTooLarge { bytes: size, max: u64::from(self.opts.max_record_bytes) });
+                return Err(LogError::RecordTooLarge {
+                    bytes: size,
+                    max: u64::from(self.opts.max_record_bytes),
+                });
             }
         }
         if first.index < next {
@@ -255,7 +296,11 @@ impl Log {
         let i = self.segments.partition_point(|s| s.first_index <= index);
         match i.checked_sub(1).map(|i| &self.segments[i]) {
             Some(seg) if seg.contains(index) => Ok(seg),
-            _ => Err(LogError::OutOfRange { index, first: self.first_index(), last: self.last_index() }),
+            _ => Err(LogError::OutOfRange {
+                index,
+                first: self.first_index(),
+                last: self.last_index(),
+            }),
         }
     }
 
@@ -267,10 +312,16 @@ impl Log {
                 }
             }
         }
-        self.segment_of(index)?.read(index, self.opts.max_record_bytes)
+        self.segment_of(index)?
+            .read(index, self.opts.max_record_bytes)
     }
 
-    pub fn entries(&self, lo: u64, hi: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, LogError> {
+    pub fn entries(
+        &self,
+        lo: u64,
+        hi: u64,
+        max_bytes: Option<u64>,
+    ) -> Result<Vec<Entry>, LogError> {
         let mut out = Vec::new();
         let mut total = 0u64;
         for index in lo..hi {
@@ -286,7 +337,11 @@ impl Log {
 
     pub fn term(&self, index: u64) -> Result<u64, LogError> {
         let seg = self.segment_of(index)?;
-        seg.term(index).ok_or(LogError::OutOfRange { index, first: self.first_index(), last: self.last_index() })
+        seg.term(index).ok_or(LogError::OutOfRange {
+            index,
+            first: self.first_index(),
+            last: self.last_index(),
+        })
     }
 
     /// Deletes whole segments all of whose records are below `index`. Returns bytes freed.
@@ -298,7 +353,11 @@ impl Log {
             freed += seg.size_bytes;
             self.dir_dirty = true;
         }
-        while self.cache.front().is_some_and(|e| e.index < self.first_index()) {
+        while self
+            .cache
+            .front()
+            .is_some_and(|e| e.index < self.first_index())
+        {
             if let Some(e) = self.cache.pop_front() {
                 self.cache_bytes -= entry_bytes(&e);
             }

@@ -46,7 +46,8 @@ pub fn decode(buf: &Bytes, pos: usize, max_record_bytes: u32) -> Result<(Entry, 
     if rest < HEADER_BYTES {
         return Err(Defect::Incomplete);
     }
-    let body_len = u32::from_be_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
+    let body_len =
+        u32::from_be_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
     if body_len < BODY_FIXED_BYTES || body_len as u64 > u64::from(max_record_bytes) {
         return Err(Defect::Length(body_len as u64));
     }
@@ -70,7 +71,16 @@ pub fn decode(buf: &Bytes, pos: usize, max_record_bytes: u32) -> Result<(Entry, 
     let base = pos + HEADER_BYTES + BODY_FIXED_BYTES;
     let context = buf.slice(base..base + ctx_len);
     let data = buf.slice(base + ctx_len..pos + HEADER_BYTES + body_len);
-    Ok((Entry { index, term, kind, context, data }, HEADER_BYTES + body_len))
+    Ok((
+        Entry {
+            index,
+            term,
+            kind,
+            context,
+            data,
+        },
+        HEADER_BYTES + body_len,
+    ))
 }
 
 /// Cheap plausibility test used when scanning past a bad record: does a valid record

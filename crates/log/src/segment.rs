@@ -36,13 +36,22 @@ pub fn file_name(first_index: u64) -> String {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
-    move |source| LogError::Io { path: path.to_path_buf(), source }
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Segment {
     pub fn create(dir: &Path, first_index: u64) -> Result<Segment, LogError> {
         let path = dir.join(file_name(first_index));
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io(&path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io(&path))?;
         file.write_all_at(MAGIC, 0).map_err(io(&path))?;
         Ok(Segment {
             path,
@@ -58,22 +67,58 @@ impl Segment {
     /// Opens and scans a segment. `is_last` allows a torn tail to be cut off; anywhere
     /// else a bad record is corruption. `expect_first` is the index the previous
     /// segment ends before (None for the first segment).
-    pub fn recover(path: &Path, first_index: u64, is_last: bool, max_record_bytes: u32) -> Result<Scan, LogError> {
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
+    pub fn recover(
+        path: &Path,
+        first_index: u64,
+        is_last: bool,
+        max_record_bytes: u32,
+    ) -> Result<Scan, LogError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
         let data = Bytes::from(std::fs::read(path).map_err(io(path))?);
-        let corrupt = |offset: u64, reason: String| LogError::Corrupt { path: path.to_path_buf(), offset, reason };
+        let corrupt = |offset: u64, reason: String| LogError::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            reason,
+        };
         if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
-            if is_last && data.len() < MAGIC.len() && data.iter().all(|b| *b == 0 || MAGIC.contains(b)) {
+            if is_last
+                && data.len() < MAGIC.len()
+                && data.iter().all(|b| *b == 0 || MAGIC.contains(b))
+            {
                 // Created but its header never reached the disk: start it again.
                 file.set_len(0).map_err(io(path))?;
                 file.write_all_at(MAGIC, 0).map_err(io(path))?;
                 file.sync_data().map_err(io(path))?;
-                let seg = Segment { path: path.to_path_buf(), first_index, file, offsets: vec![], terms: vec![], size_bytes: 8, dirty: false };
-                return Ok(Scan { segment: seg, torn_at: Some(0), truncated_bytes: data.len() as u64 });
+                let seg = Segment {
+                    path: path.to_path_buf(),
+                    first_index,
+                    file,
+                    offsets: vec![],
+                    terms: vec![],
+                    size_bytes: 8,
+                    dirty: false,
+                };
+                return Ok(Scan {
+                    segment: seg,
+                    torn_at: Some(0),
+                    truncated_bytes: data.len() as u64,
+                });
             }
             return Err(corrupt(0, "missing or wrong segment header".into()));
         }
-        let mut seg = Segment { path: path.to_path_buf(), first_index, file, offsets: vec![], terms: vec![], size_bytes: 0, dirty: false };
+        let mut seg = Segment {
+            path: path.to_path_buf(),
+            first_index,
+            file,
+            offsets: vec![],
+            terms: vec![],
+            size_bytes: 0,
+            dirty: false,
+        };
         let mut pos = MAGIC.len();
         let mut expected = first_index;
         while pos < data.len() {
@@ -85,24 +130,45 @@ impl Segment {
                     pos += len;
                 }
                 Ok((entry, _)) => {
-                    return Err(corrupt(pos as u64, format!("record has index {}, expected {expected}", entry.index)));
+                    return Err(corrupt(
+                        pos as u64,
+                        format!("record has index {}, expected {expected}", entry.index),
+                    ));
                 }
                 Err(bad) => {
                     let reason = format!("{bad:?}");
-                    let later_valid = (pos + 1..data.len()).any(|p| record::valid_record_at(&data, p, expected.saturating_sub(1), max_record_bytes));
+                    let later_valid = (pos + 1..data.len()).any(|p| {
+                        record::valid_record_at(
+                            &data,
+                            p,
+                            expected.saturating_sub(1),
+                            max_record_bytes,
+                        )
+                    });
                     if !is_last || later_valid {
-                        return Err(corrupt(pos as u64, format!("bad record ({reason}) followed by valid data")));
+                        return Err(corrupt(
+                            pos as u64,
+                            format!("bad record ({reason}) followed by valid data"),
+                        ));
                     }
                     // A torn tail: nothing after it was ever acknowledged as synced.
                     seg.file.set_len(pos as u64).map_err(io(path))?;
                     seg.file.sync_data().map_err(io(path))?;
                     seg.size_bytes = pos as u64;
-                    return Ok(Scan { segment: seg, torn_at: Some(pos as u64), truncated_bytes: (data.len() - pos) as u64 });
+                    return Ok(Scan {
+                        segment: seg,
+                        torn_at: Some(pos as u64),
+                        truncated_bytes: (data.len() - pos) as u64,
+                    });
                 }
             }
         }
         seg.size_bytes = data.len() as u64;
-        Ok(Scan { segment: seg, torn_at: None, truncated_bytes: 0 })
+        Ok(Scan {
+            segment: seg,
+            torn_at: None,
+            truncated_bytes: 0,
+        })
     }
 
     pub fn len(&self) -> u64 {
@@ -119,12 +185,16 @@ impl Segment {
     }
 
     pub fn term(&self, index: u64) -> Option<u64> {
-        self.terms.get(index.checked_sub(self.first_index)? as usize).copied()
+        self.terms
+            .get(index.checked_sub(self.first_index)? as usize)
+            .copied()
     }
 
     /// Appends pre-encoded records (one write) for entries `first..first+terms.len()`.
     pub fn append(&mut self, buf: &[u8], record_sizes: &[(u64, usize)]) -> Result<(), LogError> {
-        self.file.write_all_at(buf, self.size_bytes).map_err(io(&self.path))?;
+        self.file
+            .write_all_at(buf, self.size_bytes)
+            .map_err(io(&self.path))?;
         let mut pos = self.size_bytes;
         for (term, size) in record_sizes {
             self.offsets.push(pos);
@@ -166,12 +236,22 @@ impl Segment {
         let start = self.offsets[i];
         let end = self.offsets.get(i + 1).copied().unwrap_or(self.size_bytes);
         let mut buf = vec![0u8; (end - start) as usize];
-        self.file.read_exact_at(&mut buf, start).map_err(io(&self.path))?;
+        self.file
+            .read_exact_at(&mut buf, start)
+            .map_err(io(&self.path))?;
         let buf = Bytes::from(buf);
         match record::decode(&buf, 0, max_record_bytes) {
             Ok((e, _)) if e.index == index => Ok(e),
-            Ok((e, _)) => Err(LogError::Corrupt { path: self.path.clone(), offset: start, reason: format!("index {} where {index} was expected", e.index) }),
-            Err(bad) => Err(LogError::Corrupt { path: self.path.clone(), offset: start, reason: format!("{bad:?} on read") }),
+            Ok((e, _)) => Err(LogError::Corrupt {
+                path: self.path.clone(),
+                offset: start,
+                reason: format!("index {} where {index} was expected", e.index),
+            }),
+            Err(bad) => Err(LogError::Corrupt {
+                path: self.path.clone(),
+                offset: start,
+                reason: format!("{bad:?} on read"),
+            }),
         }
     }
 }

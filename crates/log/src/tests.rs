@@ -3,11 +3,21 @@ use proptest::prelude::*;
 
 fn entry(index: u64, term: u64, size: usize) -> Entry {
     let data: Vec<u8> = (0..size).map(|i| (index as usize * 31 + i) as u8).collect();
-    Entry { index, term, kind: (index % 3) as u8, context: Bytes::from(vec![index as u8; (index % 4) as usize]), data: Bytes::from(data) }
+    Entry {
+        index,
+        term,
+        kind: (index % 3) as u8,
+        context: Bytes::from(vec![index as u8; (index % 4) as usize]),
+        data: Bytes::from(data),
+    }
 }
 
 fn small_opts() -> LogOptions {
-    LogOptions { segment_max_bytes: 4096, cache_max_bytes: 2048, max_record_bytes: 1 << 20 }
+    LogOptions {
+        segment_max_bytes: 4096,
+        cache_max_bytes: 2048,
+        max_record_bytes: 1 << 20,
+    }
 }
 
 #[test]
@@ -49,7 +59,10 @@ fn conflict_truncation_across_segments() {
     assert_eq!(log.last_index(), 25);
     assert_eq!(log.term(19).expect("term"), 1);
     assert_eq!(log.term(20).expect("term"), 2);
-    assert!(matches!(log.append(&[entry(30, 2, 1)]), Err(LogError::NonContiguous { .. })));
+    assert!(matches!(
+        log.append(&[entry(30, 2, 1)]),
+        Err(LogError::NonContiguous { .. })
+    ));
     drop(log);
     let (log, _) = Log::open(dir.path(), small_opts()).expect("reopen");
     assert_eq!(log.last_index(), 25);
@@ -80,9 +93,15 @@ fn release_and_reset() {
 #[test]
 fn oversized_record_is_refused() {
     let dir = tempfile::tempdir().expect("tmp");
-    let opts = LogOptions { max_record_bytes: 100, ..small_opts() };
+    let opts = LogOptions {
+        max_record_bytes: 100,
+        ..small_opts()
+    };
     let (mut log, _) = Log::open(dir.path(), opts).expect("open");
-    assert!(matches!(log.append(&[entry(1, 1, 500)]), Err(LogError::RecordTooLarge { .. })));
+    assert!(matches!(
+        log.append(&[entry(1, 1, 500)]),
+        Err(LogError::RecordTooLarge { .. })
+    ));
     assert_eq!(log.last_index(), 0);
 }
 
@@ -90,7 +109,8 @@ fn oversized_record_is_refused() {
 fn corruption_in_the_middle_is_reported_with_file_and_offset() {
     let dir = tempfile::tempdir().expect("tmp");
     let (mut log, _) = Log::open(dir.path(), small_opts()).expect("open");
-    log.append(&(1..=10).map(|i| entry(i, 1, 50)).collect::<Vec<_>>()).expect("append");
+    log.append(&(1..=10).map(|i| entry(i, 1, 50)).collect::<Vec<_>>())
+        .expect("append");
     log.sync().expect("sync");
     drop(log);
     let path = dir.path().join(segment::file_name(1));
@@ -98,7 +118,9 @@ fn corruption_in_the_middle_is_reported_with_file_and_offset() {
     bytes[40] ^= 0x01;
     std::fs::write(&path, &bytes).expect("write");
     match Log::open(dir.path(), small_opts()) {
-        Err(LogError::Corrupt { path: p, offset, .. }) => {
+        Err(LogError::Corrupt {
+            path: p, offset, ..
+        }) => {
             assert_eq!(p, path);
             assert_eq!(offset, 8);
         }
@@ -113,7 +135,10 @@ fn atomic_files_detect_damage() {
     let path = dir.path().join("state");
     assert!(read_checked(&path).expect("missing is fine").is_none());
     write_atomic(&path, b"hello").expect("write");
-    assert_eq!(read_checked(&path).expect("read").as_deref(), Some(&b"hello"[..]));
+    assert_eq!(
+        read_checked(&path).expect("read").as_deref(),
+        Some(&b"hello"[..])
+    );
     let mut bytes = std::fs::read(&path).expect("read");
     let last = bytes.len() - 1;
     bytes[last] ^= 0x80;
@@ -123,14 +148,28 @@ fn atomic_files_detect_damage() {
 
 #[derive(Debug, Clone)]
 enum Damage {
-    Truncate { segment_pick: usize, at_fraction: f64 },
-    FlipBit { segment_pick: usize, at_fraction: f64, bit: u8 },
+    Truncate {
+        segment_pick: usize,
+        at_fraction: f64,
+    },
+    FlipBit {
+        segment_pick: usize,
+        at_fraction: f64,
+        bit: u8,
+    },
 }
 
 fn damage() -> impl Strategy<Value = Damage> {
     prop_oneof![
-        (any::<usize>(), 0.0..1.0f64).prop_map(|(s, f)| Damage::Truncate { segment_pick: s, at_fraction: f }),
-        (any::<usize>(), 0.0..1.0f64, 0..8u8).prop_map(|(s, f, b)| Damage::FlipBit { segment_pick: s, at_fraction: f, bit: b }),
+        (any::<usize>(), 0.0..1.0f64).prop_map(|(s, f)| Damage::Truncate {
+            segment_pick: s,
+            at_fraction: f
+        }),
+        (any::<usize>(), 0.0..1.0f64, 0..8u8).prop_map(|(s, f, b)| Damage::FlipBit {
+            segment_pick: s,
+            at_fraction: f,
+            bit: b
+        }),
     ]
 }
 

@@ -29,10 +29,21 @@ pub struct PutMessage {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    Put { now_ms: u64, messages: Vec<PutMessage> },
-    Confirm { now_ms: u64, subscription: String, guids: Vec<Guid> },
-    Purge { now_ms: u64 },
-    Tick { now_ms: u64 },
+    Put {
+        now_ms: u64,
+        messages: Vec<PutMessage>,
+    },
+    Confirm {
+        now_ms: u64,
+        subscription: String,
+        guids: Vec<Guid>,
+    },
+    Purge {
+        now_ms: u64,
+    },
+    Tick {
+        now_ms: u64,
+    },
 }
 
 /// A decoded command plus, for a Put, where each payload sits in the entry.
@@ -46,7 +57,10 @@ pub struct DecodedCommand {
 impl Command {
     pub fn now_ms(&self) -> u64 {
         match self {
-            Command::Put { now_ms, .. } | Command::Confirm { now_ms, .. } | Command::Purge { now_ms } | Command::Tick { now_ms } => *now_ms,
+            Command::Put { now_ms, .. }
+            | Command::Confirm { now_ms, .. }
+            | Command::Purge { now_ms }
+            | Command::Tick { now_ms } => *now_ms,
         }
     }
 
@@ -67,7 +81,11 @@ impl Command {
                     b.put_slice(&m.payload);
                 }
             }
-            Command::Confirm { now_ms, subscription, guids } => {
+            Command::Confirm {
+                now_ms,
+                subscription,
+                guids,
+            } => {
                 b.put_u8(TAG_CONFIRM);
                 b.put_u64(*now_ms);
                 b.put_u16(subscription.len() as u16);
@@ -91,8 +109,17 @@ impl Command {
 
     fn encoded_len(&self) -> usize {
         10 + match self {
-            Command::Put { messages, .. } => 4 + messages.iter().map(|m| 16 + 8 + 2 + m.key.len() + 4 + m.payload.len()).sum::<usize>(),
-            Command::Confirm { subscription, guids, .. } => 2 + subscription.len() + 4 + 16 * guids.len(),
+            Command::Put { messages, .. } => {
+                4 + messages
+                    .iter()
+                    .map(|m| 16 + 8 + 2 + m.key.len() + 4 + m.payload.len())
+                    .sum::<usize>()
+            }
+            Command::Confirm {
+                subscription,
+                guids,
+                ..
+            } => 2 + subscription.len() + 4 + 16 * guids.len(),
             Command::Purge { .. } | Command::Tick { .. } => 0,
         }
     }
@@ -101,7 +128,9 @@ impl Command {
         let mut r = Reader { data, pos: 0 };
         let version = r.u8()?;
         if version != VERSION {
-            return Err(QueueError::Decode(format!("unknown command format version {version}")));
+            return Err(QueueError::Decode(format!(
+                "unknown command format version {version}"
+            )));
         }
         let tag = r.u8()?;
         let now_ms = r.u64()?;
@@ -118,17 +147,27 @@ impl Command {
                     let len = r.u32()? as usize;
                     payload_offsets.push(r.pos as u32);
                     let payload = r.bytes(len)?;
-                    messages.push(PutMessage { guid, ttl_ms, key, payload });
+                    messages.push(PutMessage {
+                        guid,
+                        ttl_ms,
+                        key,
+                        payload,
+                    });
                 }
                 Command::Put { now_ms, messages }
             }
             TAG_CONFIRM => {
                 let sub_len = r.u16()? as usize;
                 let sub = r.bytes(sub_len)?;
-                let subscription = String::from_utf8(sub.to_vec()).map_err(|_| QueueError::Decode("subscription is not UTF-8".into()))?;
+                let subscription = String::from_utf8(sub.to_vec())
+                    .map_err(|_| QueueError::Decode("subscription is not UTF-8".into()))?;
                 let count = r.count(16)?;
                 let guids = (0..count).map(|_| r.guid()).collect::<Result<_, _>>()?;
-                Command::Confirm { now_ms, subscription, guids }
+                Command::Confirm {
+                    now_ms,
+                    subscription,
+                    guids,
+                }
             }
             TAG_PURGE => Command::Purge { now_ms },
             TAG_TICK => Command::Tick { now_ms },
@@ -137,7 +176,10 @@ impl Command {
         if r.pos != data.len() {
             return Err(QueueError::Decode("trailing bytes after command".into()));
         }
-        Ok(DecodedCommand { command, payload_offsets })
+        Ok(DecodedCommand {
+            command,
+            payload_offsets,
+        })
     }
 }
 
@@ -148,7 +190,11 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], QueueError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.data.len()).ok_or_else(|| QueueError::Decode("truncated command".into()))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.data.len())
+            .ok_or_else(|| QueueError::Decode("truncated command".into()))?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -157,13 +203,19 @@ impl Reader<'_> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, QueueError> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap_or_default()))
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().unwrap_or_default(),
+        ))
     }
     fn u32(&mut self) -> Result<u32, QueueError> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap_or_default()))
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
     }
     fn u64(&mut self) -> Result<u64, QueueError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap_or_default()))
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
     }
     fn guid(&mut self) -> Result<Guid, QueueError> {
         Ok(self.take(16)?.try_into().unwrap_or_default())
@@ -177,7 +229,9 @@ impl Reader<'_> {
     fn count(&mut self, min_item_bytes: usize) -> Result<usize, QueueError> {
         let n = self.u32()? as usize;
         if n.saturating_mul(min_item_bytes) > self.data.len() - self.pos {
-            return Err(QueueError::Decode(format!("count {n} exceeds the command's size")));
+            return Err(QueueError::Decode(format!(
+                "count {n} exceeds the command's size"
+            )));
         }
         Ok(n)
     }

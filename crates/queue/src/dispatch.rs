@@ -113,7 +113,9 @@ impl Dispatcher {
 
     /// Its unconfirmed messages become available again; the next delivery counts a new attempt.
     pub fn remove_consumer(&mut self, id: ConsumerId) {
-        let Some(c) = self.consumers.remove(&id) else { return };
+        let Some(c) = self.consumers.remove(&id) else {
+            return;
+        };
         for guid in c.held {
             if let Some((_, seq, _)) = self.inflight.remove(&guid) {
                 self.available.insert(seq);
@@ -151,7 +153,9 @@ impl Dispatcher {
     pub fn poll(&mut self, state: &PartitionState, now_ms: u64, max: usize) -> Vec<Delivery> {
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(&seq) = self.available.first() else { break };
+            let Some(&seq) = self.available.first() else {
+                break;
+            };
             let Some(meta) = state.message_by_seq(seq) else {
                 // Settled or expired since it became available.
                 self.available.remove(&seq);
@@ -162,7 +166,9 @@ impl Dispatcher {
                 self.available.remove(&seq);
                 continue; // expired: never delivered; the state machine removes it on its next apply
             }
-            let Some(consumer) = self.next_consumer_with_room(meta.size_bytes) else { break };
+            let Some(consumer) = self.next_consumer_with_room(meta.size_bytes) else {
+                break;
+            };
             self.available.remove(&seq);
             let attempt = self.attempts.entry(seq).or_default();
             *attempt += 1;
@@ -171,19 +177,30 @@ impl Dispatcher {
             cs.held_msgs += 1;
             cs.held_bytes += u64::from(meta.size_bytes);
             cs.held.insert(meta.guid);
-            self.inflight.insert(meta.guid, (consumer, seq, meta.size_bytes));
+            self.inflight
+                .insert(meta.guid, (consumer, seq, meta.size_bytes));
             self.last_served = Some(consumer);
-            out.push(Delivery { consumer, guid: meta.guid, seq, attempt, location: meta.location });
+            out.push(Delivery {
+                consumer,
+                guid: meta.guid,
+                seq,
+                attempt,
+                location: meta.location,
+            });
         }
         out
     }
 
     fn next_consumer_with_room(&self, size_bytes: u32) -> Option<ConsumerId> {
         let after = self.last_served.unwrap_or(0);
-        let order = self.consumers.range(after + 1..).chain(self.consumers.range(..=after));
+        let order = self
+            .consumers
+            .range(after + 1..)
+            .chain(self.consumers.range(..=after));
         for (id, c) in order {
             let Some(l) = c.limits else { continue };
-            let fits_bytes = c.held_bytes + u64::from(size_bytes) <= l.max_unconfirmed_bytes || c.held_msgs == 0;
+            let fits_bytes =
+                c.held_bytes + u64::from(size_bytes) <= l.max_unconfirmed_bytes || c.held_msgs == 0;
             if c.held_msgs < l.max_unconfirmed_msgs && fits_bytes {
                 return Some(*id);
             }

@@ -16,8 +16,8 @@ mod state;
 pub use command::{Command, DecodedCommand, PutMessage};
 pub use dispatch::{ConsumerId, Delivery, DispatchError, Dispatcher, FlowLimits};
 pub use state::{
-    Applied, ConfirmOutcome, Location, MessageMeta, OriginalOutcome, PartitionState, PartitionStats, PutOutcome,
-    QueueConfig,
+    Applied, ConfirmOutcome, Location, MessageMeta, OriginalOutcome, PartitionState,
+    PartitionStats, PutOutcome, QueueConfig,
 };
 
 /// 16 bytes naming a message for its whole life.

@@ -145,7 +145,11 @@ impl PartitionState {
         self.evict_dedup();
         match &decoded.command {
             Command::Put { messages, .. } => {
-                assert_eq!(messages.len(), decoded.payload_offsets.len(), "decoder gives one offset per message");
+                assert_eq!(
+                    messages.len(),
+                    decoded.payload_offsets.len(),
+                    "decoder gives one offset per message"
+                );
                 let out = messages
                     .iter()
                     .zip(&decoded.payload_offsets)
@@ -153,7 +157,9 @@ impl PartitionState {
                     .collect();
                 Applied::Put(out)
             }
-            Command::Confirm { guids, .. } => Applied::Confirm(guids.iter().map(|g| (*g, self.confirm(g))).collect()),
+            Command::Confirm { guids, .. } => {
+                Applied::Confirm(guids.iter().map(|g| (*g, self.confirm(g))).collect())
+            }
             Command::Purge { .. } => {
                 let removed = self.messages.len() as u64;
                 let seqs: Vec<u64> = self.messages.keys().copied().collect();
@@ -170,15 +176,24 @@ impl PartitionState {
     fn put(&mut self, index: u64, offset: u32, m: &crate::PutMessage) -> PutOutcome {
         if let Some(original) = self.dedup.get(&m.guid) {
             self.stats.puts_duplicate += 1;
-            return PutOutcome::Duplicate { original: *original };
+            return PutOutcome::Duplicate {
+                original: *original,
+            };
         }
         let size = m.payload.len() as u64;
         let (outcome, original) = if size > u64::from(self.config.max_message_bytes) {
             (PutOutcome::TooLarge, OriginalOutcome::TooLarge)
-        } else if self.messages.len() as u64 >= self.config.max_messages || self.bytes + size > self.config.max_bytes {
+        } else if self.messages.len() as u64 >= self.config.max_messages
+            || self.bytes + size > self.config.max_bytes
+        {
             (PutOutcome::QuotaExceeded, OriginalOutcome::QuotaExceeded)
         } else {
-            (PutOutcome::Enqueued { seq: self.enqueue(index, offset, m) }, OriginalOutcome::Enqueued)
+            (
+                PutOutcome::Enqueued {
+                    seq: self.enqueue(index, offset, m),
+                },
+                OriginalOutcome::Enqueued,
+            )
         };
         if original == OriginalOutcome::Enqueued {
             self.stats.puts_enqueued += 1;
@@ -196,7 +211,11 @@ impl PartitionState {
         let meta = MessageMeta {
             seq,
             guid: m.guid,
-            location: Location { index, offset, len: m.payload.len() as u32 },
+            location: Location {
+                index,
+                offset,
+                len: m.payload.len() as u32,
+            },
             size_bytes: m.payload.len() as u32,
             enqueued_ms: self.now_ms,
             expires_ms,
@@ -303,12 +322,20 @@ impl PartitionState {
 
     /// All replicated state except payloads (they stay in the log).
     pub fn snapshot(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(64 + self.messages.len() * 80 + self.dedup_order.len() * 25);
+        let mut b =
+            BytesMut::with_capacity(64 + self.messages.len() * 80 + self.dedup_order.len() * 25);
         b.put_u8(1); // format version
         b.put_u64(self.next_seq);
         b.put_u64(self.now_ms);
         let s = &self.stats;
-        for v in [s.puts_enqueued, s.puts_duplicate, s.puts_rejected, s.confirms, s.purged, s.expired] {
+        for v in [
+            s.puts_enqueued,
+            s.puts_duplicate,
+            s.puts_rejected,
+            s.confirms,
+            s.purged,
+            s.expired,
+        ] {
             b.put_u64(v);
         }
         b.put_u64(self.messages.len() as u64);
@@ -338,7 +365,13 @@ impl PartitionState {
 
     pub fn restore(bytes: &Bytes, config: QueueConfig) -> Result<Self, QueueError> {
         let mut b = bytes.clone();
-        let need = |b: &Bytes, n: usize| if b.remaining() < n { Err(QueueError::Decode("truncated snapshot".into())) } else { Ok(()) };
+        let need = |b: &Bytes, n: usize| {
+            if b.remaining() < n {
+                Err(QueueError::Decode("truncated snapshot".into()))
+            } else {
+                Ok(())
+            }
+        };
         need(&b, 1)?;
         if b.get_u8() != 1 {
             return Err(QueueError::Decode("unknown snapshot version".into()));
@@ -348,7 +381,14 @@ impl PartitionState {
         st.next_seq = b.get_u64();
         st.now_ms = b.get_u64();
         let s = &mut st.stats;
-        for v in [&mut s.puts_enqueued, &mut s.puts_duplicate, &mut s.puts_rejected, &mut s.confirms, &mut s.purged, &mut s.expired] {
+        for v in [
+            &mut s.puts_enqueued,
+            &mut s.puts_duplicate,
+            &mut s.puts_rejected,
+            &mut s.confirms,
+            &mut s.purged,
+            &mut s.expired,
+        ] {
             *v = b.get_u64();
         }
         let n = b.get_u64();
@@ -357,13 +397,25 @@ impl PartitionState {
             let seq = b.get_u64();
             let mut guid = [0u8; 16];
             b.copy_to_slice(&mut guid);
-            let location = Location { index: b.get_u64(), offset: b.get_u32(), len: b.get_u32() };
+            let location = Location {
+                index: b.get_u64(),
+                offset: b.get_u32(),
+                len: b.get_u32(),
+            };
             let enqueued_ms = b.get_u64();
             let expires = b.get_u64();
             let key_len = b.get_u16() as usize;
             need(&b, key_len)?;
             let key = b.split_to(key_len);
-            let meta = MessageMeta { seq, guid, location, size_bytes: location.len, enqueued_ms, expires_ms: (expires > 0).then_some(expires), key };
+            let meta = MessageMeta {
+                seq,
+                guid,
+                location,
+                size_bytes: location.len,
+                enqueued_ms,
+                expires_ms: (expires > 0).then_some(expires),
+                key,
+            };
             if let Some(at) = meta.expires_ms {
                 st.expiry.insert((at, seq));
             }

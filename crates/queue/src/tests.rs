@@ -12,7 +12,12 @@ fn guid(i: u32) -> Guid {
 fn put_cmd(now_ms: u64, ids: &[u32], size: usize) -> Command {
     let messages = ids
         .iter()
-        .map(|i| PutMessage { guid: guid(*i), ttl_ms: 0, key: Bytes::new(), payload: Bytes::from(vec![*i as u8; size]) })
+        .map(|i| PutMessage {
+            guid: guid(*i),
+            ttl_ms: 0,
+            key: Bytes::new(),
+            payload: Bytes::from(vec![*i as u8; size]),
+        })
         .collect();
     Command::Put { now_ms, messages }
 }
@@ -29,49 +34,108 @@ fn command_round_trip_and_payload_offsets() {
     let cmd = put_cmd(5, &[1, 2, 3], 10);
     let data = cmd.encode();
     let d = Command::decode(&data).expect("decode");
-    let Command::Put { messages, .. } = &d.command else { panic!("not a put") };
+    let Command::Put { messages, .. } = &d.command else {
+        panic!("not a put")
+    };
     for (m, off) in messages.iter().zip(&d.payload_offsets) {
-        assert_eq!(&data[*off as usize..*off as usize + m.payload.len()], &m.payload[..]);
+        assert_eq!(
+            &data[*off as usize..*off as usize + m.payload.len()],
+            &m.payload[..]
+        );
     }
-    let confirm = Command::Confirm { now_ms: 9, subscription: "s".into(), guids: vec![guid(1)] };
-    assert_eq!(Command::decode(&confirm.encode()).expect("decode").command, confirm);
-    assert!(Command::decode(&Bytes::from_static(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])).is_err());
+    let confirm = Command::Confirm {
+        now_ms: 9,
+        subscription: "s".into(),
+        guids: vec![guid(1)],
+    };
+    assert_eq!(
+        Command::decode(&confirm.encode()).expect("decode").command,
+        confirm
+    );
+    assert!(Command::decode(&Bytes::from_static(&[
+        1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff
+    ]))
+    .is_err());
     assert!(Command::decode(&Bytes::from_static(&[9])).is_err());
 }
 
 #[test]
 fn dedup_returns_the_original_outcome_and_quota_is_enforced() {
-    let cfg = QueueConfig { max_messages: 2, max_message_bytes: 100, ..QueueConfig::default() };
+    let cfg = QueueConfig {
+        max_messages: 2,
+        max_message_bytes: 100,
+        ..QueueConfig::default()
+    };
     let mut st = PartitionState::new(cfg);
     let a = apply(&mut st, 1, &put_cmd(1, &[1, 2, 3], 10));
     let Applied::Put(o) = a else { panic!() };
     assert!(matches!(o[0].1, PutOutcome::Enqueued { .. }));
     assert!(matches!(o[1].1, PutOutcome::Enqueued { .. }));
     assert_eq!(o[2].1, PutOutcome::QuotaExceeded);
-    let Applied::Put(o) = apply(&mut st, 2, &put_cmd(2, &[1, 3, 4], 10)) else { panic!() };
-    assert_eq!(o[0].1, PutOutcome::Duplicate { original: OriginalOutcome::Enqueued });
-    assert_eq!(o[1].1, PutOutcome::Duplicate { original: OriginalOutcome::QuotaExceeded });
+    let Applied::Put(o) = apply(&mut st, 2, &put_cmd(2, &[1, 3, 4], 10)) else {
+        panic!()
+    };
+    assert_eq!(
+        o[0].1,
+        PutOutcome::Duplicate {
+            original: OriginalOutcome::Enqueued
+        }
+    );
+    assert_eq!(
+        o[1].1,
+        PutOutcome::Duplicate {
+            original: OriginalOutcome::QuotaExceeded
+        }
+    );
     assert_eq!(o[2].1, PutOutcome::QuotaExceeded);
-    let Applied::Put(o) = apply(&mut st, 3, &put_cmd(3, &[9], 200)) else { panic!() };
+    let Applied::Put(o) = apply(&mut st, 3, &put_cmd(3, &[9], 200)) else {
+        panic!()
+    };
     assert_eq!(o[0].1, PutOutcome::TooLarge);
     assert_eq!(st.stats().depth, 2);
     // Confirmed messages stay in the GUID history: a late retry is not enqueued again.
-    apply(&mut st, 4, &Command::Confirm { now_ms: 4, subscription: String::new(), guids: vec![guid(1)] });
-    let Applied::Put(o) = apply(&mut st, 5, &put_cmd(5, &[1], 10)) else { panic!() };
-    assert_eq!(o[0].1, PutOutcome::Duplicate { original: OriginalOutcome::Enqueued });
+    apply(
+        &mut st,
+        4,
+        &Command::Confirm {
+            now_ms: 4,
+            subscription: String::new(),
+            guids: vec![guid(1)],
+        },
+    );
+    let Applied::Put(o) = apply(&mut st, 5, &put_cmd(5, &[1], 10)) else {
+        panic!()
+    };
+    assert_eq!(
+        o[0].1,
+        PutOutcome::Duplicate {
+            original: OriginalOutcome::Enqueued
+        }
+    );
 }
 
 #[test]
 fn dedup_window_evicts_by_command_time_and_count() {
-    let cfg = QueueConfig { dedup_window_ms: 100, dedup_max_entries: 1000, ..QueueConfig::default() };
+    let cfg = QueueConfig {
+        dedup_window_ms: 100,
+        dedup_max_entries: 1000,
+        ..QueueConfig::default()
+    };
     let mut st = PartitionState::new(cfg);
     apply(&mut st, 1, &put_cmd(1_000, &[1], 1));
     apply(&mut st, 2, &Command::Tick { now_ms: 1_050 });
-    let Applied::Put(o) = apply(&mut st, 3, &put_cmd(1_060, &[1], 1)) else { panic!() };
+    let Applied::Put(o) = apply(&mut st, 3, &put_cmd(1_060, &[1], 1)) else {
+        panic!()
+    };
     assert!(matches!(o[0].1, PutOutcome::Duplicate { .. }));
     apply(&mut st, 4, &Command::Tick { now_ms: 1_200 });
-    let Applied::Put(o) = apply(&mut st, 5, &put_cmd(1_201, &[1], 1)) else { panic!() };
-    assert!(matches!(o[0].1, PutOutcome::Enqueued { .. }), "window passed: {o:?}");
+    let Applied::Put(o) = apply(&mut st, 5, &put_cmd(1_201, &[1], 1)) else {
+        panic!()
+    };
+    assert!(
+        matches!(o[0].1, PutOutcome::Enqueued { .. }),
+        "window passed: {o:?}"
+    );
 }
 
 #[test]
@@ -79,7 +143,12 @@ fn ttl_expires_by_command_time_and_min_live_index_moves() {
     let mut st = PartitionState::new(QueueConfig::default());
     let cmd = Command::Put {
         now_ms: 100,
-        messages: vec![PutMessage { guid: guid(1), ttl_ms: 50, key: Bytes::new(), payload: Bytes::from_static(b"x") }],
+        messages: vec![PutMessage {
+            guid: guid(1),
+            ttl_ms: 50,
+            key: Bytes::new(),
+            payload: Bytes::from_static(b"x"),
+        }],
     };
     apply(&mut st, 7, &cmd);
     apply(&mut st, 8, &put_cmd(120, &[2], 1));
@@ -94,7 +163,10 @@ fn ttl_expires_by_command_time_and_min_live_index_moves() {
 fn dispatcher_round_robin_flow_control_and_redelivery() {
     let mut st = PartitionState::new(QueueConfig::default());
     let mut d = Dispatcher::new();
-    let limits = FlowLimits { max_unconfirmed_msgs: 2, max_unconfirmed_bytes: 1 << 20 };
+    let limits = FlowLimits {
+        max_unconfirmed_msgs: 2,
+        max_unconfirmed_bytes: 1 << 20,
+    };
     d.add_consumer(1, limits);
     d.add_consumer(2, limits);
     let a = apply(&mut st, 1, &put_cmd(1, &[1, 2, 3, 4, 5], 10));
@@ -107,8 +179,20 @@ fn dispatcher_round_robin_flow_control_and_redelivery() {
     d.remove_consumer(1);
     let again = d.poll(&st, 1, 100);
     assert!(again.is_empty(), "consumer 2 is full");
-    let held2: Vec<Guid> = got.iter().filter(|x| x.consumer == 2).map(|x| x.guid).collect();
-    let c = apply(&mut st, 2, &Command::Confirm { now_ms: 2, subscription: String::new(), guids: held2 });
+    let held2: Vec<Guid> = got
+        .iter()
+        .filter(|x| x.consumer == 2)
+        .map(|x| x.guid)
+        .collect();
+    let c = apply(
+        &mut st,
+        2,
+        &Command::Confirm {
+            now_ms: 2,
+            subscription: String::new(),
+            guids: held2,
+        },
+    );
     d.on_applied(&st, &c);
     let again = d.poll(&st, 2, 100);
     assert_eq!(again.len(), 2);
@@ -123,7 +207,13 @@ fn dispatcher_round_robin_flow_control_and_redelivery() {
 fn oversized_message_still_reaches_an_idle_consumer() {
     let mut st = PartitionState::new(QueueConfig::default());
     let mut d = Dispatcher::new();
-    d.add_consumer(1, FlowLimits { max_unconfirmed_msgs: 10, max_unconfirmed_bytes: 5 });
+    d.add_consumer(
+        1,
+        FlowLimits {
+            max_unconfirmed_msgs: 10,
+            max_unconfirmed_bytes: 5,
+        },
+    );
     let a = apply(&mut st, 1, &put_cmd(1, &[1, 2], 10));
     d.on_applied(&st, &a);
     assert_eq!(d.poll(&st, 1, 10).len(), 1);

@@ -87,7 +87,12 @@ impl Group {
     /// to restore from, if one exists; entries after it are replayed through
     /// `handle_ready` once they are known committed.
     pub fn open(cfg: &GroupConfig) -> Result<(Group, Option<Bytes>), ReplicationError> {
-        let storage = LogStorage::open(&cfg.dir, cfg.log.clone(), &cfg.bootstrap_voters, cfg.durable)?;
+        let storage = LogStorage::open(
+            &cfg.dir,
+            cfg.log.clone(),
+            &cfg.bootstrap_voters,
+            cfg.durable,
+        )?;
         let snapshot = storage.snapshot_file().clone();
         let raft_cfg = raft::Config {
             id: cfg.node_id,
@@ -104,7 +109,14 @@ impl Group {
         raft_cfg.validate()?;
         let node = RawNode::new(&raft_cfg, storage, &raft_logger(cfg.group_id))?;
         let restore = (snapshot.index > 0).then_some(snapshot.data);
-        Ok((Group { node, group_id: cfg.group_id, applied_index: snapshot.index }, restore))
+        Ok((
+            Group {
+                node,
+                group_id: cfg.group_id,
+                applied_index: snapshot.index,
+            },
+            restore,
+        ))
     }
 
     pub fn group_id(&self) -> u64 {
@@ -146,7 +158,9 @@ impl Group {
     /// pending answer under that key and answers only when that exact entry applies.
     pub fn propose(&mut self, data: Bytes) -> Result<(u64, u64), ReplicationError> {
         if !self.is_leader() {
-            return Err(ReplicationError::NotLeader { leader: self.leader_id() });
+            return Err(ReplicationError::NotLeader {
+                leader: self.leader_id(),
+            });
         }
         let before = self.node.raft.raft_log.last_index();
         match self.node.propose(Vec::new(), Vec::from(data)) {

@@ -29,7 +29,10 @@ pub enum ReplicationError {
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
     #[error("corrupt state file {path}: {reason}")]
-    CorruptState { path: std::path::PathBuf, reason: String },
+    CorruptState {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("not the leader (leader is {leader:?})")]
     NotLeader { leader: Option<u64> },
     #[error("proposal dropped by raft (leadership change or uncommitted-size limit)")]

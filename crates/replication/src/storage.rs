@@ -60,7 +60,10 @@ impl LogStorage {
         let (mut hard_state, conf_state) = match read_state(&dir.join(STATE_FILE))? {
             Some(state) => state,
             None => {
-                let cs = ConfState { voters: bootstrap_voters.to_vec(), ..Default::default() };
+                let cs = ConfState {
+                    voters: bootstrap_voters.to_vec(),
+                    ..Default::default()
+                };
                 (HardState::default(), cs)
             }
         };
@@ -144,9 +147,17 @@ impl LogStorage {
         data: Bytes,
         keep_from: u64,
     ) -> Result<u64, ReplicationError> {
-        assert!(index <= self.hard_state.commit, "compacting past the commit index");
+        assert!(
+            index <= self.hard_state.commit,
+            "compacting past the commit index"
+        );
         let term = self.term_of(index)?;
-        let snapshot = SnapshotFile { index, term, conf_state: self.conf_state.clone(), data };
+        let snapshot = SnapshotFile {
+            index,
+            term,
+            conf_state: self.conf_state.clone(),
+            data,
+        };
         tern_log::write_atomic(&self.dir.join(SNAPSHOT_FILE), &encode_snapshot(&snapshot)?)?;
         self.snapshot = snapshot;
         // The state file carries the commit index; record it now that it is known durable.
@@ -180,14 +191,21 @@ impl LogStorage {
         put_message(&mut buf, &self.hard_state)?;
         put_message(&mut buf, &self.conf_state)?;
         tern_log::write_atomic(&self.dir.join(STATE_FILE), &buf)?;
-        self.persisted = (self.hard_state.term, self.hard_state.vote, self.conf_state.clone());
+        self.persisted = (
+            self.hard_state.term,
+            self.hard_state.vote,
+            self.conf_state.clone(),
+        );
         Ok(())
     }
 }
 
 impl raft::Storage for LogStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -220,7 +238,9 @@ impl raft::Storage for LogStorage {
         if idx > self.raft_last_index() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        self.log.term(idx).map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))
+        self.log
+            .term(idx)
+            .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -233,11 +253,16 @@ impl raft::Storage for LogStorage {
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         if self.snapshot.index < request_index || self.snapshot.index == 0 {
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
         }
         let mut snap = Snapshot::default();
-        let mut meta =
-            SnapshotMetadata { index: self.snapshot.index, term: self.snapshot.term, ..Default::default() };
+        let mut meta = SnapshotMetadata {
+            index: self.snapshot.index,
+            term: self.snapshot.term,
+            ..Default::default()
+        };
         meta.set_conf_state(self.snapshot.conf_state.clone());
         snap.set_metadata(meta);
         snap.data = self.snapshot.data.clone();
@@ -261,21 +286,33 @@ fn from_log_entry(e: tern_log::Entry) -> Entry {
         2 => EntryType::EntryConfChangeV2,
         _ => EntryType::EntryNormal,
     };
-    Entry { index: e.index, term: e.term, entry_type, context: e.context, data: e.data, ..Default::default() }
+    Entry {
+        index: e.index,
+        term: e.term,
+        entry_type,
+        context: e.context,
+        data: e.data,
+        ..Default::default()
+    }
 }
 
 fn put_message(buf: &mut BytesMut, m: &dyn protobuf::Message) -> Result<(), ReplicationError> {
-    let bytes = m.write_to_bytes().map_err(|e| ReplicationError::CorruptState {
-        path: PathBuf::new(),
-        reason: format!("encode: {e}"),
-    })?;
+    let bytes = m
+        .write_to_bytes()
+        .map_err(|e| ReplicationError::CorruptState {
+            path: PathBuf::new(),
+            reason: format!("encode: {e}"),
+        })?;
     buf.put_u32(bytes.len() as u32);
     buf.put_slice(&bytes);
     Ok(())
 }
 
 fn take_message<M: protobuf::Message>(buf: &mut Bytes, path: &Path) -> Result<M, ReplicationError> {
-    let corrupt = |reason: String| ReplicationError::CorruptState { path: path.to_path_buf(), reason };
+    let corrupt = |reason: String| ReplicationError::CorruptState {
+        path: path.to_path_buf(),
+        reason,
+    };
     if buf.remaining() < 4 {
         return Err(corrupt("truncated length".into()));
     }
@@ -318,5 +355,10 @@ fn read_snapshot(path: &Path) -> Result<Option<SnapshotFile>, ReplicationError> 
     let index = bytes.get_u64();
     let term = bytes.get_u64();
     let conf_state = take_message::<ConfState>(&mut bytes, path)?;
-    Ok(Some(SnapshotFile { index, term, conf_state, data: bytes }))
+    Ok(Some(SnapshotFile {
+        index,
+        term,
+        conf_state,
+        data: bytes,
+    }))
 }
