@@ -192,8 +192,12 @@ impl Session {
                     }
                     self.conn.send(Frame::Heartbeat);
                 }
-                changed = stop.changed(), if !self.stop_sent => {
-                    if changed.is_ok() && *stop.borrow() {
+                changed = stop.changed() => {
+                    let phase = *stop.borrow();
+                    if changed.is_err() || phase == crate::StopPhase::Closed {
+                        break Ok(());
+                    }
+                    if phase == crate::StopPhase::Draining && !self.stop_sent {
                         self.stop_sent = true;
                         self.conn.send(Frame::StopRequest { drain_timeout_ms: self.shared.config.stop_timeout_ms as u32 });
                     }

@@ -32,8 +32,8 @@ pub struct Shared {
     pub node_tx: flume::Sender<NodeCmd>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<std::sync::atomic::AtomicBool>,
-    /// Flips to true when a graceful stop begins.
-    pub stop_rx: watch::Receiver<bool>,
+    /// The graceful-stop phase, watched by every connection.
+    pub stop_rx: watch::Receiver<StopPhase>,
     connections: AtomicU64,
 }
 
@@ -52,10 +52,18 @@ pub enum BrokerError {
     NodePanicked,
 }
 
+/// Where a graceful stop is. Connections send StopRequest at `Draining` and close at `Closed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StopPhase {
+    Running,
+    Draining,
+    Closed,
+}
+
 /// A running broker. Dropping it does not stop it; call [`Broker::stop`].
 pub struct Broker {
     shared: Arc<Shared>,
-    stop_tx: watch::Sender<bool>,
+    stop_tx: watch::Sender<StopPhase>,
     node_thread: Option<std::thread::JoinHandle<Result<(), node::NodeError>>>,
     pub client_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -77,7 +85,7 @@ impl Broker {
             source,
         })?;
         let handle = node::start(config.clone(), metrics.clone())?;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(StopPhase::Running);
         let shared = Arc::new(Shared {
             config,
             node_tx: handle.tx,
@@ -114,7 +122,7 @@ impl Broker {
     /// Graceful stop (guarantee 8): tell clients to stop sending PUTs here, let
     /// in-flight PUTs and CONFIRMs drain (bounded by `stop_timeout_ms`), snapshot, leave.
     pub async fn stop(mut self) -> Result<(), BrokerError> {
-        let _ = self.stop_tx.send(true);
+        let _ = self.stop_tx.send(StopPhase::Draining);
         self.shared.ready.store(false, Ordering::Relaxed);
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.shared.config.stop_timeout_ms);
@@ -133,9 +141,11 @@ impl Broker {
             let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
         }
         let result = self.join_node();
-        // Give connection writers a moment to put the last ACKs on the wire before the
-        // runtime goes away (bounded; clients retransmit anything that did not make it).
+        // Give connection writers a moment to put the last ACKs on the wire, then close
+        // every connection (bounded; clients retransmit anything that did not make it).
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = self.stop_tx.send(StopPhase::Closed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
         result
     }
 
@@ -182,7 +192,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = stop.changed() => if *stop.borrow() { return },
+            _ = stop.changed() => if *stop.borrow() != StopPhase::Running { return },
         }
     }
 }
