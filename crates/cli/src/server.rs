@@ -115,10 +115,35 @@ impl ServerArgs {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
         }
-        set!(node_id, data_dir, listen, http_listen, peer_listen, initial_cluster, auto_create_queues);
-        set!(max_frame_bytes, max_connections, max_inflight_puts_per_conn, max_pending_put_bytes);
-        set!(node_queue_capacity, max_entry_bytes, tick_interval_ms, heartbeat_interval_ms, put_timeout_ms);
-        set!(snapshot_interval_bytes, segment_max_bytes, log_cache_bytes, min_free_disk_bytes, stop_timeout_ms);
+        set!(
+            node_id,
+            data_dir,
+            listen,
+            http_listen,
+            peer_listen,
+            initial_cluster,
+            auto_create_queues
+        );
+        set!(
+            max_frame_bytes,
+            max_connections,
+            max_inflight_puts_per_conn,
+            max_pending_put_bytes
+        );
+        set!(
+            node_queue_capacity,
+            max_entry_bytes,
+            tick_interval_ms,
+            heartbeat_interval_ms,
+            put_timeout_ms
+        );
+        set!(
+            snapshot_interval_bytes,
+            segment_max_bytes,
+            log_cache_bytes,
+            min_free_disk_bytes,
+            stop_timeout_ms
+        );
         let d = &mut c.queue_defaults;
         if let Some(v) = self.default_partitions {
             d.partitions = v;
@@ -148,14 +173,20 @@ fn check_initial_cluster(c: &BrokerConfig) -> anyhow::Result<()> {
         let (id, addr) = member
             .split_once('=')
             .with_context(|| format!("--initial-cluster entry {member:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id.trim().parse().with_context(|| format!("--initial-cluster entry {member:?}: bad node id"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("--initial-cluster entry {member:?}: bad node id"))?;
         if addr.trim().is_empty() {
             anyhow::bail!("--initial-cluster entry {member:?} has no address");
         }
         ids.push(id);
     }
     if !ids.is_empty() && !ids.contains(&c.node_id) {
-        anyhow::bail!("--initial-cluster does not include this node's id {}", c.node_id);
+        anyhow::bail!(
+            "--initial-cluster does not include this node's id {}",
+            c.node_id
+        );
     }
     Ok(())
 }
@@ -163,8 +194,11 @@ fn check_initial_cluster(c: &BrokerConfig) -> anyhow::Result<()> {
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     let filter = args.log.clone().unwrap_or_else(|| "info".into());
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("invalid --log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter).context("invalid --log filter")?,
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let config = args.to_config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

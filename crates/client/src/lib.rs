@@ -138,15 +138,20 @@ pub struct Delivery {
     pub payload: Bytes,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConsumerOptions {
+    /// Subscription name (fanout queues); empty for work queues.
+    pub subscription: String,
+    /// Most PUSHed-but-unconfirmed messages the server lets this consumer hold.
     pub max_unconfirmed_msgs: u32,
+    /// Most PUSHed-but-unconfirmed payload bytes.
     pub max_unconfirmed_bytes: u64,
 }
 
 impl Default for ConsumerOptions {
     fn default() -> Self {
         ConsumerOptions {
+            subscription: String::new(),
             max_unconfirmed_msgs: 1024,
             max_unconfirmed_bytes: 64 * 1024 * 1024,
         }
@@ -308,6 +313,11 @@ pub struct PutHandle {
 impl PutHandle {
     pub fn guid(&self) -> Guid {
         self.guid
+    }
+
+    /// True if the outcome has arrived (awaiting will not wait).
+    pub fn is_ready_hint(&self) -> bool {
+        !self.rx.is_empty() || self.rx.is_terminated()
     }
 }
 

@@ -452,7 +452,7 @@ impl Session {
         let frame = Frame::OpenQueue {
             req_id: 0,
             queue: h.spec.queue.clone(),
-            subscription: String::new(),
+            subscription: h.spec.options.subscription.clone(),
             flags: h.spec.flags,
             max_unconfirmed_msgs: h.spec.options.max_unconfirmed_msgs,
             max_unconfirmed_bytes: h.spec.options.max_unconfirmed_bytes,

@@ -38,20 +38,34 @@ pub enum AdminRequest {
 #[serde(default)]
 pub struct QueueSpec {
     /// `"work"` (each message to one consumer) or `"fanout"` (each subscription gets every message).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
     /// `"durable"` (fsync before ACK) or `"memory"` (transient).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_messages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup_window_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub visibility_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_delivery_attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_queue: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub default_ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_max_age_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_max_bytes: Option<u64>,
 }
 

@@ -1,0 +1,189 @@
+//! `tern queue create|list|stats|delete|purge` and `tern cluster status`.
+
+use crate::{dur, ClientArgs};
+use clap::{Args, Subcommand};
+use std::process::ExitCode;
+use tern_client::admin::{AdminReply, AdminRequest, QueueInfo, QueueSpec};
+use tern_client::Client;
+
+#[derive(Args, Debug)]
+pub struct QueueArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: QueueCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Create a queue (unset settings take the server's defaults).
+    Create(CreateArgs),
+    /// List queues with depth and in-flight counts.
+    List,
+    /// Depth, in flight, bytes, oldest age, per partition.
+    Stats { name: String },
+    /// Delete a queue and its messages.
+    Delete { name: String },
+    /// Remove every message of a queue (the queue stays).
+    Purge { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    pub name: String,
+    #[arg(long)]
+    pub partitions: Option<u16>,
+    /// work | fanout
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// durable | memory
+    #[arg(long)]
+    pub storage: Option<String>,
+    #[arg(long)]
+    pub max_messages: Option<u64>,
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
+    #[arg(long)]
+    pub max_message_bytes: Option<u32>,
+    #[arg(long, value_parser = dur::parse_ms)]
+    pub dedup_window: Option<u64>,
+    #[arg(long, value_parser = dur::parse_ms)]
+    pub visibility_timeout: Option<u64>,
+    #[arg(long)]
+    pub max_delivery_attempts: Option<u32>,
+    #[arg(long)]
+    pub dead_letter_queue: Option<String>,
+    #[arg(long, value_parser = dur::parse_ms)]
+    pub default_ttl: Option<u64>,
+    #[arg(long, value_parser = dur::parse_ms)]
+    pub max_ttl: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Nodes and, per partition, leader, replicas, commit index and replica lag.
+    Status,
+}
+
+pub async fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(args.client.config()).await?;
+    let json = args.client.json;
+    let req = match args.command {
+        QueueCommand::Create(c) => AdminRequest::CreateQueue {
+            name: c.name,
+            spec: QueueSpec {
+                mode: c.mode,
+                storage: c.storage,
+                partitions: c.partitions,
+                max_messages: c.max_messages,
+                max_bytes: c.max_bytes,
+                max_message_bytes: c.max_message_bytes,
+                dedup_window_ms: c.dedup_window,
+                visibility_timeout_ms: c.visibility_timeout,
+                max_delivery_attempts: c.max_delivery_attempts,
+                dead_letter_queue: c.dead_letter_queue,
+                default_ttl_ms: c.default_ttl,
+                max_ttl_ms: c.max_ttl,
+                ..QueueSpec::default()
+            },
+        },
+        QueueCommand::List => AdminRequest::ListQueues,
+        QueueCommand::Stats { name } => AdminRequest::QueueStats { name },
+        QueueCommand::Delete { name } => AdminRequest::DeleteQueue { name },
+        QueueCommand::Purge { name } => AdminRequest::PurgeQueue { name },
+    };
+    let reply = client.admin(req).await?;
+    if json {
+        println!("{}", serde_json::to_string(&reply)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match reply {
+        AdminReply::Queue(q) => print_queue(&q),
+        AdminReply::Queues { queues } => print_table(&queues),
+        AdminReply::Done { .. } => println!("done"),
+        AdminReply::Cluster(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(args.client.config()).await?;
+    let ClusterCommand::Status = args.command;
+    let reply = client.admin(AdminRequest::ClusterStatus).await?;
+    let value = serde_json::to_value(&reply)?;
+    if args.client.json {
+        println!("{value}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(ms: Option<u64>) -> String {
+    ms.map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0))
+}
+
+fn print_table(queues: &[QueueInfo]) {
+    println!(
+        "{:<32} {:>10} {:>10} {:>12} {:>9} {:>10}",
+        "QUEUE", "DEPTH", "IN_FLIGHT", "BYTES", "CONSUMERS", "OLDEST"
+    );
+    for q in queues {
+        println!(
+            "{:<32} {:>10} {:>10} {:>12} {:>9} {:>10}",
+            q.name,
+            q.depth,
+            q.in_flight,
+            q.bytes,
+            q.consumers,
+            age(q.oldest_age_ms)
+        );
+    }
+}
+
+fn print_queue(q: &QueueInfo) {
+    println!("queue {}", q.name);
+    let s = &q.spec;
+    println!(
+        "  mode {} storage {} partitions {} max_messages {} max_bytes {} max_message_bytes {} dedup_window_ms {}",
+        s.mode.as_deref().unwrap_or("-"),
+        s.storage.as_deref().unwrap_or("-"),
+        s.partitions.unwrap_or(0),
+        s.max_messages.unwrap_or(0),
+        s.max_bytes.unwrap_or(0),
+        s.max_message_bytes.unwrap_or(0),
+        s.dedup_window_ms.unwrap_or(0)
+    );
+    println!(
+        "  depth {} in_flight {} bytes {} consumers {} oldest {}",
+        q.depth,
+        q.in_flight,
+        q.bytes,
+        q.consumers,
+        age(q.oldest_age_ms)
+    );
+    println!(
+        "  {:>4} {:>7} {:>10} {:>10} {:>12} {:>10} {:>12}",
+        "PART", "LEADER", "DEPTH", "IN_FLIGHT", "COMMIT", "OLDEST", "LOG_BYTES"
+    );
+    for p in &q.partitions {
+        println!(
+            "  {:>4} {:>7} {:>10} {:>10} {:>12} {:>10} {:>12}",
+            p.partition,
+            p.leader.map_or("-".into(), |l| l.to_string()),
+            p.depth,
+            p.in_flight,
+            p.commit_index,
+            age(p.oldest_age_ms),
+            p.log_disk_bytes
+        );
+    }
+}
