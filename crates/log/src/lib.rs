@@ -200,6 +200,11 @@ impl Log {
                 first.index + i as u64,
                 "entries passed to append must be contiguous"
             );
+            assert!(
+                e.kind != record::MARKER_KIND,
+                "kind {} is reserved for sync markers",
+                record::MARKER_KIND
+            );
             let size = record::encoded_len(e) as u64;
             if size > u64::from(self.opts.max_record_bytes) {
                 return Err(LogError::RecordTooLarge {
@@ -281,6 +286,11 @@ impl Log {
     }
 
     pub fn sync(&mut self) -> Result<(), LogError> {
+        let n = self.segments.len();
+        if self.segments[n - 1].dirty {
+            // Written in the same fdatasync as the data it vouches for.
+            self.segments[n - 1].write_marker()?;
+        }
         for seg in self.segments.iter_mut() {
             seg.sync()?;
         }

@@ -5,6 +5,10 @@ use crate::Entry;
 use bytes::{BufMut, Bytes};
 
 pub const HEADER_BYTES: usize = 8;
+/// `kind` of a sync marker: a record with no data whose index repeats the last entry's.
+/// Written at every sync after the data, it makes damage to the last synced entry
+/// detectable (a bad record followed by a valid marker is corruption, not a torn write).
+pub const MARKER_KIND: u8 = 0xFF;
 /// index + term + kind + context length.
 pub const BODY_FIXED_BYTES: usize = 8 + 8 + 1 + 4;
 
@@ -84,15 +88,20 @@ pub fn decode(buf: &Bytes, pos: usize, max_record_bytes: u32) -> Result<(Entry, 
 }
 
 /// Cheap plausibility test used when scanning past a bad record: does a valid record
-/// whose index is in `(after, after + max_gap]` start at `pos`?
+/// (an entry with index in `(after, after + max_gap]`, or a marker for `after` or later)
+/// start at `pos`?
 pub fn valid_record_at(buf: &Bytes, pos: usize, after: u64, max_record_bytes: u32) -> bool {
     if buf.len().saturating_sub(pos) < HEADER_BYTES + BODY_FIXED_BYTES {
         return false;
     }
     let idx = u64::from_be_bytes(buf[pos + 8..pos + 16].try_into().unwrap_or([0; 8]));
     let max_gap = (buf.len() / (HEADER_BYTES + BODY_FIXED_BYTES)) as u64 + 1;
-    if idx <= after || idx > after.saturating_add(max_gap) {
+    if idx < after || idx > after.saturating_add(max_gap) {
         return false;
     }
-    decode(buf, pos, max_record_bytes).is_ok()
+    match decode(buf, pos, max_record_bytes) {
+        // A marker repeats the index of the entry before it; an entry comes after `after`.
+        Ok((e, _)) => (e.kind == MARKER_KIND && e.data.is_empty()) || idx > after,
+        Err(_) => false,
+    }
 }

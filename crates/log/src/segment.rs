@@ -123,6 +123,19 @@ impl Segment {
         let mut expected = first_index;
         while pos < data.len() {
             match record::decode(&data, pos, max_record_bytes) {
+                Ok((entry, len)) if entry.kind == record::MARKER_KIND && entry.data.is_empty() => {
+                    if entry.index + 1 != expected {
+                        return Err(corrupt(
+                            pos as u64,
+                            format!(
+                                "sync marker for index {} where {} was expected",
+                                entry.index,
+                                expected - 1
+                            ),
+                        ));
+                    }
+                    pos += len;
+                }
                 Ok((entry, len)) if entry.index == expected => {
                     seg.offsets.push(pos as u64);
                     seg.terms.push(entry.term);
@@ -218,6 +231,25 @@ impl Segment {
         self.offsets.truncate(keep);
         self.terms.truncate(keep);
         self.size_bytes = cut;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Appends a sync marker after the last record (see [`record::MARKER_KIND`]).
+    pub fn write_marker(&mut self) -> Result<(), LogError> {
+        let marker = Entry {
+            index: self.next_index() - 1,
+            term: 0,
+            kind: record::MARKER_KIND,
+            context: Bytes::new(),
+            data: Bytes::new(),
+        };
+        let mut buf = Vec::with_capacity(record::encoded_len(&marker));
+        record::encode(&marker, &mut buf);
+        self.file
+            .write_all_at(&buf, self.size_bytes)
+            .map_err(io(&self.path))?;
+        self.size_bytes += buf.len() as u64;
         self.dirty = true;
         Ok(())
     }

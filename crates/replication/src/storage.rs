@@ -67,10 +67,25 @@ impl LogStorage {
                 (HardState::default(), cs)
             }
         };
-        // The commit index may be stale, never ahead of what the log holds.
-        hard_state.commit = hard_state.commit.max(snapshot.index);
-        let last = log.last_index().max(snapshot.index);
-        hard_state.commit = hard_state.commit.min(last);
+        // The commit index may be stale, never ahead of what the log holds: everything up
+        // to the recorded commit and the snapshot was synced. A log that ends earlier lost
+        // durable records (e.g. damage to its last synced record): refuse to serve it.
+        let durable_index = hard_state.commit.max(snapshot.index);
+        if log.last_index() < durable_index {
+            let torn = report
+                .torn_tail
+                .as_ref()
+                .map(|(p, o)| format!(" (recovery cut {} at byte offset {o})", p.display()));
+            return Err(ReplicationError::CorruptState {
+                path: dir.join("log"),
+                reason: format!(
+                    "the log ends at index {} but index {durable_index} was durable{}: refusing to serve a log that lost acknowledged records",
+                    log.last_index(),
+                    torn.unwrap_or_default()
+                ),
+            });
+        }
+        hard_state.commit = durable_index;
         let persisted = (hard_state.term, hard_state.vote, conf_state.clone());
         let mut storage = LogStorage {
             dir: dir.to_path_buf(),

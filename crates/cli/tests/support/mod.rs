@@ -1,0 +1,242 @@
+//! Helpers for tests that run the real `tern` binary: servers on free ports with a
+//! temporary data dir, and a small history checker.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn tern() -> &'static str {
+    env!("CARGO_BIN_EXE_tern")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A `tern server` process with its own ports and data dir.
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub http_port: u16,
+    pub peer_port: u16,
+    pub extra: Vec<String>,
+}
+
+impl Server {
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            http_port: free_port(),
+            peer_port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("log file");
+        let child = Command::new(tern())
+            .arg("server")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--listen")
+            .arg(self.addr())
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg("--peer-listen")
+            .arg(format!("127.0.0.1:{}", self.peer_port))
+            .arg("--min-free-disk-bytes")
+            .arg("0")
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tern server");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(self.http_port, "/ready")
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        signal(c.id(), "TERM");
+        wait_timeout(&mut c, Duration::from_secs(30)).expect("server did not stop after SIGTERM")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+pub fn wait_timeout(c: &mut Child, bound: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = c.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    None
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// Runs a client command (`tern <args> --server ADDR`) and returns its output.
+pub fn run(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(tern())
+        .args(args)
+        .arg("--server")
+        .arg(server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tern");
+    if let Some(mut input) = child.stdin.take() {
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).expect("stdin");
+        }
+    }
+    child.wait_with_output().expect("wait")
+}
+
+pub fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// What a history shows: every PUT outcome and every delivery.
+#[derive(Default, Debug)]
+pub struct History {
+    /// guid -> status of its ACK ("ok", "timeout", ...)
+    pub puts: HashMap<String, String>,
+    /// guids in delivery order (with repeats)
+    pub deliveries: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// ACKed ok, never delivered.
+    pub lost: usize,
+    /// Delivered, never PUT.
+    pub unexpected: usize,
+    /// Delivered more than once.
+    pub duplicated: usize,
+    /// ACK failed or unknown, delivered anyway.
+    pub recovered: usize,
+}
+
+impl History {
+    pub fn add_produce_output(&mut self, out: &[u8]) {
+        for v in json_lines(out) {
+            let guid = v["guid"].as_str().expect("guid").to_string();
+            let status = v["status"].as_str().expect("status").to_string();
+            self.puts.insert(guid, status);
+        }
+    }
+
+    pub fn add_consume_output(&mut self, out: &[u8]) {
+        for v in json_lines(out) {
+            self.deliveries
+                .push(v["guid"].as_str().expect("guid").to_string());
+        }
+    }
+
+    pub fn check(&self) -> Verdict {
+        let delivered: HashSet<&String> = self.deliveries.iter().collect();
+        let lost = self
+            .puts
+            .iter()
+            .filter(|(g, s)| s.as_str() == "ok" && !delivered.contains(g))
+            .count();
+        let unexpected = delivered
+            .iter()
+            .filter(|g| !self.puts.contains_key(**g))
+            .count();
+        let duplicated = self.deliveries.len() - delivered.len();
+        let recovered = self
+            .puts
+            .iter()
+            .filter(|(g, s)| s.as_str() != "ok" && delivered.contains(g))
+            .count();
+        Verdict {
+            lost,
+            unexpected,
+            duplicated,
+            recovered,
+        }
+    }
+}
