@@ -384,3 +384,57 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn server_reads_a_toml_config_file_and_flags_win() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (port, http) = (free_port(), free_port());
+    let cfg = dir.path().join("tern.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http}\"\npeer_listen = \"127.0.0.1:0\"\nmin_free_disk_bytes = 0\n\n[queue_defaults]\nmax_message_bytes = 500\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(tern())
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .env("TERN_DEFAULT_MAX_MESSAGE_BYTES", "700") // env beats the file
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(http, "/ready").map(|(c, _)| c) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "server from config file never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let msgs = format!("{}\n{}\n", "y".repeat(600), "z".repeat(800));
+    let out = run(
+        &format!("127.0.0.1:{port}"),
+        &["produce", "--queue", "cfg", "--json"],
+        Some(&msgs),
+    );
+    let acks = json_lines(&out.stdout);
+    assert_eq!(acks[0]["status"], "ok", "600 B fits the env limit of 700");
+    assert_eq!(acks[1]["status"], "message_too_large");
+    // A bad config file is a clear error.
+    std::fs::write(&cfg, "no_such_setting = 1\n").expect("write");
+    let out = Command::new(tern())
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no_such_setting"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    signal(child.id(), "TERM");
+    let _ = wait_timeout(&mut child, Duration::from_secs(20));
+}
