@@ -438,3 +438,43 @@ fn server_reads_a_toml_config_file_and_flags_win() {
     signal(child.id(), "TERM");
     let _ = wait_timeout(&mut child, Duration::from_secs(20));
 }
+
+#[test]
+fn below_the_disk_reserve_puts_get_storage_full_and_reads_continue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut server = Server::start(dir.path(), &[]);
+    let out = run(
+        &server.addr(),
+        &["produce", "--queue", "disk", "--count", "3"],
+        None,
+    );
+    assert!(out.status.success());
+    server.kill9();
+    // Restart with a free-space reserve no disk can meet: the disk counts as full.
+    server.extra = vec![
+        "--min-free-disk-bytes".into(),
+        "18000000000000000000".into(),
+    ];
+    server.spawn();
+    let out = run(
+        &server.addr(),
+        &["produce", "--queue", "disk", "--json"],
+        Some("one more\n"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json_lines(&out.stdout)[0]["status"], "storage_full");
+    // What was stored before is still served and can be confirmed.
+    let out = run(
+        &server.addr(),
+        &[
+            "consume",
+            "--queue",
+            "disk",
+            "--idle-timeout",
+            "1s",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(json_lines(&out.stdout).len(), 3);
+}
