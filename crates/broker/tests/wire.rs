@@ -400,6 +400,21 @@ async fn admin(
     }
 }
 
+async fn create(
+    conn: &mut Conn,
+    name: &str,
+    spec: tern_proto::admin::QueueSpec,
+) -> (Status, serde_json::Value) {
+    admin(
+        conn,
+        tern_proto::admin::AdminRequest::CreateQueue {
+            name: name.into(),
+            spec,
+        },
+    )
+    .await
+}
+
 async fn confirm_all(conn: &mut Conn, handle: u32, pushed: &[tern_proto::PushMessage]) {
     for chunk in pushed.chunks(1000) {
         let refs = chunk
@@ -623,40 +638,19 @@ async fn admin_create_list_purge_delete() {
     assert_eq!(status, Status::Ok, "{body}");
     assert_eq!(body["spec"]["max_messages"].as_u64(), Some(5));
     // Same settings again: idempotent. Other settings: queue_exists.
-    let (status, _) = admin(
-        &mut c,
-        AdminRequest::CreateQueue {
-            name: "a".into(),
-            spec,
-        },
-    )
-    .await;
+    let (status, _) = create(&mut c, "a", spec.clone()).await;
     assert_eq!(status, Status::Ok);
     let other = QueueSpec {
         max_messages: Some(6),
         ..Default::default()
     };
-    let (status, _) = admin(
-        &mut c,
-        AdminRequest::CreateQueue {
-            name: "a".into(),
-            spec: other,
-        },
-    )
-    .await;
+    let (status, _) = create(&mut c, "a", other.clone()).await;
     assert_eq!(status, Status::QueueExists);
     let bad = QueueSpec {
         partitions: Some(0),
         ..Default::default()
     };
-    let (status, body) = admin(
-        &mut c,
-        AdminRequest::CreateQueue {
-            name: "b".into(),
-            spec: bad,
-        },
-    )
-    .await;
+    let (status, body) = create(&mut c, "b", bad.clone()).await;
     assert_eq!(status, Status::InvalidArgument, "{body}");
     let h = open(&mut c, "a", OPEN_PRODUCER).await;
     put_all(&mut c, h, 0..3).await;

@@ -64,6 +64,23 @@ impl Command {
         }
     }
 
+    /// Encodes a Put from borrowed messages (the hot path: no clone of the message list).
+    pub fn encode_put(now_ms: u64, messages: &[PutMessage]) -> Bytes {
+        let len = 10
+            + 4
+            + messages
+                .iter()
+                .map(|m| 16 + 8 + 2 + m.key.len() + 4 + m.payload.len())
+                .sum::<usize>();
+        let mut b = BytesMut::with_capacity(len);
+        b.put_u8(VERSION);
+        b.put_u8(TAG_PUT);
+        b.put_u64(now_ms);
+        put_messages(&mut b, messages);
+        debug_assert_eq!(b.len(), len);
+        b.freeze()
+    }
+
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(self.encoded_len());
         b.put_u8(VERSION);
@@ -71,15 +88,7 @@ impl Command {
             Command::Put { now_ms, messages } => {
                 b.put_u8(TAG_PUT);
                 b.put_u64(*now_ms);
-                b.put_u32(messages.len() as u32);
-                for m in messages {
-                    b.put_slice(&m.guid);
-                    b.put_u64(m.ttl_ms);
-                    b.put_u16(m.key.len() as u16);
-                    b.put_slice(&m.key);
-                    b.put_u32(m.payload.len() as u32);
-                    b.put_slice(&m.payload);
-                }
+                put_messages(&mut b, messages);
             }
             Command::Confirm {
                 now_ms,
@@ -180,6 +189,18 @@ impl Command {
             command,
             payload_offsets,
         })
+    }
+}
+
+fn put_messages(b: &mut BytesMut, messages: &[PutMessage]) {
+    b.put_u32(messages.len() as u32);
+    for m in messages {
+        b.put_slice(&m.guid);
+        b.put_u64(m.ttl_ms);
+        b.put_u16(m.key.len() as u16);
+        b.put_slice(&m.key);
+        b.put_u32(m.payload.len() as u32);
+        b.put_slice(&m.payload);
     }
 }
 

@@ -260,49 +260,51 @@ impl Partition {
                 subscription: String::new(),
                 guids: confirms.guids.clone(),
             };
-            match self.group.propose(cmd.encode()) {
-                Ok((index, term)) => {
-                    metrics.entries_proposed.inc();
-                    self.pending.insert(
-                        index,
-                        Pending {
-                            term,
-                            kind: PendingKind::Confirms { batch: confirms },
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %self.queue, "confirm proposal failed: {e}");
-                    answer_confirms_failed(confirms, Status::Unavailable);
+            if let Err((kind, e)) = self.propose(
+                cmd.encode(),
+                PendingKind::Confirms { batch: confirms },
+                metrics,
+            ) {
+                tracing::warn!(queue = %self.queue, "confirm proposal failed: {e}");
+                if let PendingKind::Confirms { batch } = kind {
+                    answer_confirms_failed(batch, Status::Unavailable);
                 }
             }
         }
     }
 
+    /// Proposes one entry and remembers what to answer when exactly that entry applies.
+    /// On failure, hands the pending work back with the error.
+    fn propose(
+        &mut self,
+        data: Bytes,
+        kind: PendingKind,
+        metrics: &Metrics,
+    ) -> Result<(), (PendingKind, ReplicationError)> {
+        match self.group.propose(data) {
+            Ok((index, term)) => {
+                metrics.entries_proposed.inc();
+                let previous = self.pending.insert(index, Pending { term, kind });
+                assert!(previous.is_none(), "two proposals at index {index}");
+                Ok(())
+            }
+            Err(e) => Err((kind, e)),
+        }
+    }
+
     fn propose_puts(&mut self, batch: PutBatch, max_entry_bytes: u64, metrics: &Metrics) {
         for chunk in split_batch(batch, max_entry_bytes) {
-            let cmd = Command::Put {
-                now_ms: now_ms(),
-                messages: chunk.msgs.clone(),
-            };
-            match self.group.propose(cmd.encode()) {
-                Ok((index, term)) => {
-                    metrics.entries_proposed.inc();
-                    self.pending.insert(
-                        index,
-                        Pending {
-                            term,
-                            kind: PendingKind::Puts { batch: chunk },
-                        },
-                    );
+            let data = Command::encode_put(now_ms(), &chunk.msgs);
+            match self.propose(data, PendingKind::Puts { batch: chunk }, metrics) {
+                Ok(()) => {}
+                Err((PendingKind::Puts { batch }, ReplicationError::NotLeader { .. })) => {
+                    self.parked.push_back((batch, Instant::now()))
                 }
-                Err(ReplicationError::NotLeader { .. }) => {
-                    self.parked.push_back((chunk, Instant::now()))
-                }
-                Err(e) => {
+                Err((PendingKind::Puts { batch }, e)) => {
                     tracing::warn!(queue = %self.queue, "put proposal refused: {e}");
-                    answer_puts_failed(&self.queue, chunk, Status::Overloaded, metrics);
+                    answer_puts_failed(&self.queue, batch, Status::Overloaded, metrics);
                 }
+                Err(_) => unreachable!("propose hands back the kind it was given"),
             }
         }
     }
@@ -331,9 +333,6 @@ impl Partition {
             }
             if let Some((batch, _)) = self.parked.pop_front() {
                 released += batch.bytes;
-                for o in batch.origins.iter() {
-                    let _ = o;
-                }
                 answer_batch(&batch, |_| Status::Timeout);
             }
         }
