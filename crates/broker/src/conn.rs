@@ -273,7 +273,22 @@ impl Session {
                 }
                 Ok(())
             }
-            Frame::Extend { .. } => Ok(()), // visibility timeouts arrive with the queue-semantics work
+            Frame::Extend { queue_id, entries } => {
+                if let Some(Handle {
+                    queue,
+                    consumer: Some(consumer),
+                    ..
+                }) = self.handles.get(&queue_id)
+                {
+                    let cmd = NodeCmd::Extend {
+                        consumer: *consumer,
+                        queue: queue.clone(),
+                        entries,
+                    };
+                    self.to_node(cmd).await?;
+                }
+                Ok(())
+            }
             Frame::OpenQueue {
                 req_id,
                 queue,

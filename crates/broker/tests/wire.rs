@@ -668,3 +668,87 @@ async fn admin_create_list_purge_delete() {
     assert_eq!(status, Status::UnknownQueue);
     broker.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visibility_timeout_extend_and_delayed_nack() {
+    use tern_proto::admin::QueueSpec;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(config(dir.path())).await.expect("start");
+    let mut c = connect(&broker).await;
+    let spec = QueueSpec {
+        visibility_timeout_ms: Some(400),
+        ..Default::default()
+    };
+    let (status, body) = create(&mut c, "vt", spec).await;
+    assert_eq!(status, Status::Ok, "{body}");
+    let too_long = QueueSpec {
+        visibility_timeout_ms: Some(13 * 3600 * 1000),
+        ..Default::default()
+    };
+    let (status, _) = create(&mut c, "vt2", too_long).await;
+    assert_eq!(status, Status::InvalidArgument);
+    let h = open(&mut c, "vt", OPEN_PRODUCER).await;
+    put_all(&mut c, h, 0..2).await;
+
+    let mut cons = connect(&broker).await;
+    let ch = open(&mut cons, "vt", OPEN_CONSUMER).await;
+    let first = drain(&mut cons, ch, 2).await;
+    assert!(first.iter().all(|m| m.attempt == 1));
+    // Keep message 0 for 1.5 s more; leave message 1 to time out.
+    cons.send(Frame::Extend {
+        queue_id: ch,
+        entries: vec![tern_proto::ExtendEntry {
+            guid: first[0].guid,
+            partition: 0,
+            extra_ms: 1500,
+        }],
+    })
+    .await
+    .expect("extend");
+    let started = std::time::Instant::now();
+    let again = drain(&mut cons, ch, 1).await;
+    let waited = started.elapsed();
+    assert_eq!(
+        again[0].guid, first[1].guid,
+        "the unextended message comes back"
+    );
+    assert_eq!(again[0].attempt, 2);
+    assert!(
+        waited >= Duration::from_millis(200),
+        "not before its visibility timeout: {waited:?}"
+    );
+    // NACK it with a delay: it returns after the delay, attempt 3.
+    cons.send(Frame::Nack {
+        queue_id: ch,
+        entries: vec![tern_proto::NackEntry {
+            guid: again[0].guid,
+            partition: 0,
+            delay_ms: 500,
+        }],
+    })
+    .await
+    .expect("nack");
+    let started = std::time::Instant::now();
+    let back = drain(&mut cons, ch, 1).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!((back[0].guid, back[0].attempt), (first[1].guid, 3));
+    // The extended message was never redelivered meanwhile, and can still be confirmed.
+    cons.send(Frame::Confirm {
+        queue_id: ch,
+        messages: vec![MessageRef {
+            guid: first[0].guid,
+            partition: 0,
+        }],
+    })
+    .await
+    .expect("confirm");
+    match next(&mut cons).await {
+        Frame::ConfirmAck { entries, .. } => assert_eq!(entries[0].status, Status::Ok),
+        other => panic!("expected ConfirmAck, got {other:?}"),
+    }
+    broker.stop().await.expect("stop");
+}

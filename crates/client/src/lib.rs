@@ -441,6 +441,23 @@ impl Consumer {
             .map_err(|_| ClientError::Closed)
     }
 
+    /// Still working on it: push the message's visibility deadline to now + `extra_ms`
+    /// (queues with a visibility timeout only; otherwise a no-op).
+    pub async fn extend(&self, d: &Delivery, extra_ms: u32) -> Result<(), ClientError> {
+        let cmd = session::Cmd::Extend {
+            handle: self.handle,
+            guid: d.guid,
+            partition: d.partition,
+            extra_ms,
+        };
+        self.client
+            .shared
+            .cmd_tx
+            .send(cmd)
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
     /// Waits (bounded by `request_timeout_ms`) until every CONFIRM sent so far was answered.
     /// Returns how many were answered `ok`.
     pub async fn flush_confirms(&self) -> u64 {

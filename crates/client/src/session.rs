@@ -42,6 +42,12 @@ pub(crate) enum Cmd {
         partition: u16,
         delay_ms: u32,
     },
+    Extend {
+        handle: u64,
+        guid: Guid,
+        partition: u16,
+        extra_ms: u32,
+    },
     Admin {
         body: Bytes,
         reply: oneshot::Sender<(Status, Bytes)>,
@@ -399,6 +405,24 @@ impl Session {
                     }
                 }
                 // Disconnected: the server redelivers the message; nothing to confirm here.
+            }
+            Cmd::Extend {
+                handle,
+                guid,
+                partition,
+                extra_ms,
+            } => {
+                if let Some(id) = self.handles.get(&handle).and_then(|h| h.server_id) {
+                    let entries = vec![tern_proto::ExtendEntry {
+                        guid,
+                        partition,
+                        extra_ms,
+                    }];
+                    self.outbox.push(Frame::Extend {
+                        queue_id: id,
+                        entries,
+                    });
+                }
             }
             Cmd::Nack {
                 handle,

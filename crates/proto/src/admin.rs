@@ -91,6 +91,9 @@ pub struct PartitionInfo {
     pub depth: u64,
     pub bytes: u64,
     pub in_flight: u64,
+    /// NACKed with a delay that has not passed yet.
+    #[serde(default)]
+    pub delayed: u64,
     pub oldest_age_ms: Option<u64>,
     pub commit_index: u64,
     pub applied_index: u64,

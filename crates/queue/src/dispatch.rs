@@ -41,17 +41,32 @@ struct ConsumerState {
     held: BTreeSet<Guid>,
 }
 
+/// A message PUSHed to a consumer and not yet confirmed.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    consumer: ConsumerId,
+    seq: u64,
+    bytes: u32,
+    /// When it goes back to `available` if not confirmed (visibility timeout).
+    deadline_ms: Option<u64>,
+}
+
 #[derive(Debug, Default)]
 pub struct Dispatcher {
     /// Seqs ready to deliver, in commit order (redeliveries fall back into place).
     available: BTreeSet<u64>,
+    /// NACKed with a delay: (ready at, seq).
+    delayed: BTreeSet<(u64, u64)>,
     /// Deliveries made so far per message (for the attempt count).
     attempts: HashMap<u64, u32>,
-    /// guid -> (consumer, seq, bytes)
-    inflight: HashMap<Guid, (ConsumerId, u64, u32)>,
+    inflight: HashMap<Guid, Held>,
+    /// Visibility deadlines of held messages: (deadline, guid).
+    deadlines: BTreeSet<(u64, Guid)>,
     consumers: BTreeMap<ConsumerId, ConsumerState>,
     /// Round robin: the consumer served last.
     last_served: Option<ConsumerId>,
+    /// 0 = a delivery stays with its consumer until confirmed or the consumer leaves.
+    visibility_timeout_ms: u64,
 }
 
 impl Dispatcher {
@@ -59,11 +74,18 @@ impl Dispatcher {
         Self::default()
     }
 
+    /// A PUSHed message not confirmed within this time goes back for redelivery (0 = never).
+    pub fn set_visibility_timeout(&mut self, ms: u64) {
+        self.visibility_timeout_ms = ms;
+    }
+
     /// Every unsettled message becomes available; consumers stay, holding nothing.
     pub fn rebuild(&mut self, state: &PartitionState) {
         self.available = state.unsettled().map(|m| m.seq).collect();
+        self.delayed.clear();
         self.attempts.clear();
         self.inflight.clear();
+        self.deadlines.clear();
         for c in self.consumers.values_mut() {
             c.held_msgs = 0;
             c.held_bytes = 0;
@@ -83,14 +105,15 @@ impl Dispatcher {
             Applied::Confirm(outcomes) => {
                 for (guid, o) in outcomes {
                     if *o == ConfirmOutcome::Settled {
-                        if let Some((_, seq, _)) = self.take_inflight(guid) {
-                            self.attempts.remove(&seq);
+                        if let Some(held) = self.take_inflight(guid) {
+                            self.attempts.remove(&held.seq);
                         }
                     }
                 }
             }
             Applied::Purge { .. } => {
                 self.available.clear();
+                self.delayed.clear();
                 self.attempts.clear();
                 let guids: Vec<Guid> = self.inflight.keys().copied().collect();
                 for g in guids {
@@ -113,44 +136,121 @@ impl Dispatcher {
 
     /// Its unconfirmed messages become available again; the next delivery counts a new attempt.
     pub fn remove_consumer(&mut self, id: ConsumerId) {
-        let Some(c) = self.consumers.remove(&id) else {
+        let Some(c) = self.consumers.get(&id) else {
             return;
         };
-        for guid in c.held {
-            if let Some((_, seq, _)) = self.inflight.remove(&guid) {
-                self.available.insert(seq);
+        let held: Vec<Guid> = c.held.iter().copied().collect();
+        for guid in held {
+            if let Some(h) = self.take_inflight(&guid) {
+                self.available.insert(h.seq);
             }
         }
+        self.consumers.remove(&id);
     }
 
     /// Gives one held message back for redelivery now (NACK without delay).
     pub fn release(&mut self, consumer: ConsumerId, guid: &Guid) {
-        if self.check_confirm(consumer, guid).is_ok() {
-            if let Some((_, seq, _)) = self.take_inflight(guid) {
-                self.available.insert(seq);
-            }
-        }
+        let _ = self.nack(consumer, guid, 0, 0);
     }
 
-    fn take_inflight(&mut self, guid: &Guid) -> Option<(ConsumerId, u64, u32)> {
-        let (c, seq, bytes) = self.inflight.remove(guid)?;
-        if let Some(cs) = self.consumers.get_mut(&c) {
+    /// NACK: gives a held message back, for redelivery now (`delay_ms` 0) or after the delay.
+    pub fn nack(
+        &mut self,
+        consumer: ConsumerId,
+        guid: &Guid,
+        now_ms: u64,
+        delay_ms: u64,
+    ) -> Result<(), DispatchError> {
+        self.check_confirm(consumer, guid)?;
+        if let Some(h) = self.take_inflight(guid) {
+            if delay_ms == 0 {
+                self.available.insert(h.seq);
+            } else {
+                self.delayed
+                    .insert((now_ms.saturating_add(delay_ms), h.seq));
+            }
+        }
+        Ok(())
+    }
+
+    /// Extends the visibility deadline of a held message to `now_ms + extra_ms` (never shortens it).
+    pub fn extend(
+        &mut self,
+        consumer: ConsumerId,
+        guid: &Guid,
+        now_ms: u64,
+        extra_ms: u64,
+    ) -> Result<(), DispatchError> {
+        self.check_confirm(consumer, guid)?;
+        let Some(h) = self.inflight.get_mut(guid) else {
+            return Err(DispatchError::NotHeld);
+        };
+        if let Some(old) = h.deadline_ms {
+            let new = old.max(now_ms.saturating_add(extra_ms));
+            h.deadline_ms = Some(new);
+            self.deadlines.remove(&(old, *guid));
+            self.deadlines.insert((new, *guid));
+        }
+        Ok(())
+    }
+
+    fn take_inflight(&mut self, guid: &Guid) -> Option<Held> {
+        let h = self.inflight.remove(guid)?;
+        if let Some(d) = h.deadline_ms {
+            self.deadlines.remove(&(d, *guid));
+        }
+        if let Some(cs) = self.consumers.get_mut(&h.consumer) {
             cs.held.remove(guid);
             cs.held_msgs -= 1;
-            cs.held_bytes -= u64::from(bytes);
+            cs.held_bytes -= u64::from(h.bytes);
         }
-        Some((c, seq, bytes))
+        Some(h)
     }
 
     pub fn check_confirm(&self, consumer: ConsumerId, guid: &Guid) -> Result<(), DispatchError> {
         match self.inflight.get(guid) {
-            Some((c, _, _)) if *c == consumer => Ok(()),
+            Some(h) if h.consumer == consumer => Ok(()),
             _ => Err(DispatchError::NotHeld),
+        }
+    }
+
+    /// The earliest time a timer (visibility deadline or NACK delay) fires, if any.
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        let d = self.deadlines.first().map(|(t, _)| *t);
+        let n = self.delayed.first().map(|(t, _)| *t);
+        match (d, n) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Moves timed-out deliveries and due NACK delays back to `available`.
+    fn fire_timers(&mut self, now_ms: u64) {
+        while let Some(&(at, guid)) = self.deadlines.first() {
+            if at > now_ms {
+                break;
+            }
+            match self.take_inflight(&guid) {
+                Some(h) => {
+                    self.available.insert(h.seq);
+                }
+                None => {
+                    self.deadlines.remove(&(at, guid));
+                }
+            }
+        }
+        while let Some(&(at, seq)) = self.delayed.first() {
+            if at > now_ms {
+                break;
+            }
+            self.delayed.remove(&(at, seq));
+            self.available.insert(seq);
         }
     }
 
     /// Hands out up to `max` messages, round robin over consumers with room, in commit order.
     pub fn poll(&mut self, state: &PartitionState, now_ms: u64, max: usize) -> Vec<Delivery> {
+        self.fire_timers(now_ms);
         let mut out = Vec::new();
         while out.len() < max {
             let Some(&seq) = self.available.first() else {
@@ -177,8 +277,20 @@ impl Dispatcher {
             cs.held_msgs += 1;
             cs.held_bytes += u64::from(meta.size_bytes);
             cs.held.insert(meta.guid);
-            self.inflight
-                .insert(meta.guid, (consumer, seq, meta.size_bytes));
+            let deadline_ms = (self.visibility_timeout_ms > 0)
+                .then(|| now_ms.saturating_add(self.visibility_timeout_ms));
+            if let Some(d) = deadline_ms {
+                self.deadlines.insert((d, meta.guid));
+            }
+            self.inflight.insert(
+                meta.guid,
+                Held {
+                    consumer,
+                    seq,
+                    bytes: meta.size_bytes,
+                    deadline_ms,
+                },
+            );
             self.last_served = Some(consumer);
             out.push(Delivery {
                 consumer,
@@ -214,6 +326,11 @@ impl Dispatcher {
 
     pub fn available(&self) -> usize {
         self.available.len()
+    }
+
+    /// Messages NACKed with a delay that has not passed yet.
+    pub fn delayed(&self) -> usize {
+        self.delayed.len()
     }
 
     pub fn consumer_count(&self) -> usize {

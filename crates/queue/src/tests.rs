@@ -219,6 +219,77 @@ fn oversized_message_still_reaches_an_idle_consumer() {
     assert_eq!(d.poll(&st, 1, 10).len(), 1);
 }
 
+#[test]
+fn visibility_timeout_redelivers_to_another_consumer_and_extend_defers_it() {
+    let mut st = PartitionState::new(QueueConfig::default());
+    let mut d = Dispatcher::new();
+    d.set_visibility_timeout(100);
+    let limits = FlowLimits {
+        max_unconfirmed_msgs: 1,
+        max_unconfirmed_bytes: 1 << 20,
+    };
+    d.add_consumer(1, limits);
+    let a = apply(&mut st, 1, &put_cmd(1_000, &[1, 2], 10));
+    d.on_applied(&st, &a);
+    let first = d.poll(&st, 1_000, 10);
+    assert_eq!(first.len(), 1);
+    assert_eq!(d.next_timer_ms(), Some(1_100));
+    d.add_consumer(2, limits);
+    let second = d.poll(&st, 1_050, 10);
+    assert_eq!(second.len(), 1, "consumer 2 gets the other message");
+    // Consumer 1 extends its message; consumer 2 does not.
+    d.extend(1, &first[0].guid, 1_090, 500).expect("held");
+    assert!(
+        d.extend(2, &first[0].guid, 1_090, 500).is_err(),
+        "only the holder extends"
+    );
+    // At 1_200 consumer 2's message (deadline 1_150) has timed out: it goes back and,
+    // consumer 2 having room again, is redelivered to it with attempt 2. Consumer 1's
+    // extended message (deadline 1_590) stays where it is.
+    let later = d.poll(&st, 1_200, 10);
+    let redelivered: Vec<(u64, u64, u32)> = later
+        .iter()
+        .map(|x| (x.consumer, x.seq, x.attempt))
+        .collect();
+    assert_eq!(redelivered, vec![(2, second[0].seq, 2)]);
+    assert!(d.check_confirm(1, &first[0].guid).is_ok());
+    // After its extended deadline consumer 1's message goes back too.
+    d.remove_consumer(2);
+    assert!(d.poll(&st, 1_589, 10).is_empty());
+    let last = d.poll(&st, 1_590, 10);
+    // Consumer 1 (room for one) gets its own message back first: commit order.
+    let got: Vec<(u64, u32)> = last.iter().map(|x| (x.seq, x.attempt)).collect();
+    assert_eq!(got, vec![(first[0].seq, 2)]);
+}
+
+#[test]
+fn nack_with_delay_returns_the_message_after_the_delay() {
+    let mut st = PartitionState::new(QueueConfig::default());
+    let mut d = Dispatcher::new();
+    d.add_consumer(
+        1,
+        FlowLimits {
+            max_unconfirmed_msgs: 10,
+            max_unconfirmed_bytes: 1 << 20,
+        },
+    );
+    let a = apply(&mut st, 1, &put_cmd(1_000, &[1], 10));
+    d.on_applied(&st, &a);
+    let got = d.poll(&st, 1_000, 10);
+    assert!(
+        d.nack(2, &got[0].guid, 1_000, 0).is_err(),
+        "only the holder may NACK"
+    );
+    d.nack(1, &got[0].guid, 1_000, 250).expect("nack");
+    assert_eq!((d.delayed(), d.inflight()), (1, 0));
+    assert!(d.poll(&st, 1_249, 10).is_empty());
+    let back = d.poll(&st, 1_250, 10);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].attempt, 2);
+    d.nack(1, &back[0].guid, 1_300, 0).expect("nack now");
+    assert_eq!(d.poll(&st, 1_300, 10)[0].attempt, 3);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Put(Vec<u32>),

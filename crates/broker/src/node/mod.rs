@@ -111,6 +111,11 @@ pub enum NodeCmd {
         queue: Arc<str>,
         entries: Vec<NackEntry>,
     },
+    Extend {
+        consumer: ConsumerId,
+        queue: Arc<str>,
+        entries: Vec<tern_proto::ExtendEntry>,
+    },
     ConnClosed {
         consumers: Vec<ConsumerId>,
     },
@@ -145,6 +150,8 @@ pub struct NodeHandle {
     pub thread: std::thread::JoinHandle<Result<(), NodeError>>,
 }
 
+/// Upper bound of a queue's visibility timeout (as SQS: 12 hours).
+const MAX_VISIBILITY_TIMEOUT_MS: u64 = 12 * 3600 * 1000;
 /// Most commands taken from the channel in one round (bounds the round's latency).
 const MAX_CMDS_PER_ROUND: usize = 4096;
 /// Most Ready passes per round before going back to the channel.
@@ -313,6 +320,11 @@ impl Node {
                 queue,
                 entries,
             } => self.handle_nack(consumer, &queue, entries),
+            NodeCmd::Extend {
+                consumer,
+                queue,
+                entries,
+            } => self.handle_extend(consumer, &queue, entries),
             NodeCmd::ConnClosed { consumers } => {
                 for c in consumers {
                     self.remove_consumer(c);
@@ -581,12 +593,33 @@ impl Node {
         let Some(gids) = self.queue_partition_ids(queue) else {
             return;
         };
+        let now = now_ms();
         for e in entries {
             if let Some(part) = gids
                 .get(usize::from(e.partition))
                 .and_then(|g| self.partitions.get_mut(g))
             {
-                part.nack(consumer, e.guid);
+                part.nack(consumer, e.guid, now, u64::from(e.delay_ms));
+            }
+        }
+    }
+
+    fn handle_extend(
+        &mut self,
+        consumer: ConsumerId,
+        queue: &str,
+        entries: Vec<tern_proto::ExtendEntry>,
+    ) {
+        let Some(gids) = self.queue_partition_ids(queue) else {
+            return;
+        };
+        let now = now_ms();
+        for e in entries {
+            if let Some(part) = gids
+                .get(usize::from(e.partition))
+                .and_then(|g| self.partitions.get_mut(g))
+            {
+                part.extend(consumer, e.guid, now, u64::from(e.extra_ms));
             }
         }
     }
@@ -601,8 +634,10 @@ impl Node {
     fn tick_all(&mut self) {
         self.meta_group.tick();
         let put_timeout = Duration::from_millis(self.cfg.put_timeout_ms);
+        let now = now_ms();
         for part in self.partitions.values_mut() {
             part.group.tick();
+            part.check_timers(now);
             let expired = part.expire_parked(put_timeout);
             self.pending_put_bytes = self.pending_put_bytes.saturating_sub(expired);
         }
@@ -960,7 +995,6 @@ impl Node {
             ));
         }
         for (name, v) in [
-            ("visibility_timeout_ms", spec.visibility_timeout_ms),
             (
                 "max_delivery_attempts",
                 spec.max_delivery_attempts.map(u64::from),
@@ -974,6 +1008,13 @@ impl Node {
                 return invalid(format!("{name} is not supported by this build yet"));
             }
         }
+        // 0 = off: a delivery stays with its consumer until confirmed or the consumer leaves.
+        let visibility_timeout_ms = spec.visibility_timeout_ms.unwrap_or(0);
+        if visibility_timeout_ms > MAX_VISIBILITY_TIMEOUT_MS {
+            return invalid(format!(
+                "visibility_timeout_ms must be at most {MAX_VISIBILITY_TIMEOUT_MS} (12 h), got {visibility_timeout_ms}"
+            ));
+        }
         if spec.dead_letter_queue.is_some() {
             return invalid("dead_letter_queue is not supported by this build yet".into());
         }
@@ -985,6 +1026,7 @@ impl Node {
             max_bytes: Some(spec.max_bytes.unwrap_or(d.max_bytes)),
             max_message_bytes: Some(max_message_bytes),
             dedup_window_ms: Some(spec.dedup_window_ms.unwrap_or(d.dedup_window_ms)),
+            visibility_timeout_ms: Some(visibility_timeout_ms),
             ..QueueSpec::default()
         })
     }

@@ -26,6 +26,8 @@ const MAX_PUSH_PER_ROUND: usize = 4096;
 /// Settings of the partition's state machine, derived from the queue's effective spec.
 pub struct PartitionLimits {
     pub config: QueueConfig,
+    /// Leader-local: a delivery not confirmed within this goes back (0 = never).
+    pub visibility_timeout_ms: u64,
 }
 
 impl PartitionLimits {
@@ -43,7 +45,10 @@ impl PartitionLimits {
         if let Some(v) = spec.dedup_window_ms {
             config.dedup_window_ms = v;
         }
-        PartitionLimits { config }
+        PartitionLimits {
+            config,
+            visibility_timeout_ms: spec.visibility_timeout_ms.unwrap_or(0),
+        }
     }
 }
 
@@ -128,17 +133,18 @@ impl Partition {
     ) -> Result<Self, ReplicationError> {
         let (mut group, snapshot) = Group::open(gcfg)?;
         let state = match snapshot {
-            Some(bytes) => PartitionState::restore(&bytes, limits.config).map_err(|e| {
+            Some(bytes) => PartitionState::restore(&bytes, limits.config.clone()).map_err(|e| {
                 ReplicationError::CorruptState {
                     path: gcfg.dir.join("snapshot"),
                     reason: e.to_string(),
                 }
             })?,
-            None => PartitionState::new(limits.config),
+            None => PartitionState::new(limits.config.clone()),
         };
         group.campaign_if_sole_voter()?;
         let log_bytes_at_snapshot = group.log_disk_bytes();
         let mut dispatcher = Dispatcher::new();
+        dispatcher.set_visibility_timeout(limits.visibility_timeout_ms);
         dispatcher.rebuild(&state);
         Ok(Partition {
             queue,
@@ -173,11 +179,25 @@ impl Partition {
         self.dispatch_dirty = true;
     }
 
-    pub fn nack(&mut self, consumer: ConsumerId, guid: Guid) {
-        // Until NACK-with-delay lands, a NACK returns the message for immediate redelivery:
-        // the same effect as the consumer letting it go.
-        if self.dispatcher.check_confirm(consumer, &guid).is_ok() {
-            self.dispatcher.release(consumer, &guid);
+    /// NACK from the holder: redeliver now or after `delay_ms`. From anyone else: ignored.
+    pub fn nack(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, delay_ms: u64) {
+        if self
+            .dispatcher
+            .nack(consumer, &guid, now_ms, delay_ms)
+            .is_ok()
+        {
+            self.dispatch_dirty = true;
+        }
+    }
+
+    /// The holder is still working on it: push its visibility deadline out.
+    pub fn extend(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, extra_ms: u64) {
+        let _ = self.dispatcher.extend(consumer, &guid, now_ms, extra_ms);
+    }
+
+    /// Called every tick: a due visibility deadline or NACK delay makes delivery run.
+    pub fn check_timers(&mut self, now_ms: u64) {
+        if self.dispatcher.next_timer_ms().is_some_and(|t| t <= now_ms) {
             self.dispatch_dirty = true;
         }
     }
@@ -575,6 +595,7 @@ impl Partition {
             depth: stats.depth,
             bytes: stats.bytes,
             in_flight: self.dispatcher.inflight() as u64,
+            delayed: self.dispatcher.delayed() as u64,
             oldest_age_ms: stats.oldest_enqueued_ms.map(|t| now_ms.saturating_sub(t)),
             commit_index: status.commit_index,
             applied_index: status.applied_index,
