@@ -186,3 +186,102 @@ async fn connecting_to_nothing_fails_within_the_connect_timeout() {
     assert!(Client::connect(cfg).await.is_err());
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_partitions_keep_order_per_key_and_spread_load() {
+    use tern_client::admin::{AdminReply, AdminRequest, QueueSpec};
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let broker = Broker::start(broker_config(dir.path(), port))
+        .await
+        .expect("start");
+    let client = Client::connect(client_config(port)).await.expect("connect");
+    let spec = QueueSpec {
+        partitions: Some(4),
+        ..Default::default()
+    };
+    client
+        .admin(AdminRequest::CreateQueue {
+            name: "keyed".into(),
+            spec,
+        })
+        .await
+        .expect("create");
+    let producer = client.producer("keyed").await.expect("producer");
+    let mut handles = Vec::new();
+    for i in 0..400u32 {
+        let key = format!("customer-{}", i % 10);
+        let msg = OutMessage {
+            key: Some(key.clone().into()),
+            ..OutMessage::new(format!("{key}:{i}"))
+        };
+        handles.push(producer.send(msg).await.expect("send"));
+    }
+    for h in handles {
+        assert_eq!(h.await.status, Status::Ok);
+    }
+    // Two consumers share the partitions. Each consumer sees each key's messages in PUT
+    // order (first deliveries follow commit order per partition). Across consumers the
+    // processing order of one key can interleave: partition-exclusive consumers are
+    // issue 3's work.
+    // Small flow-control windows, so the first consumer cannot take everything.
+    let small = ConsumerOptions {
+        max_unconfirmed_msgs: 5,
+        ..ConsumerOptions::default()
+    };
+    let mut a = client
+        .consumer("keyed", small.clone())
+        .await
+        .expect("consumer a");
+    let mut b = client.consumer("keyed", small).await.expect("consumer b");
+    let mut per_key: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    let mut per_key_b: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    let mut partitions = HashSet::new();
+    let (mut got_a, mut got_b) = (0, 0);
+    while got_a + got_b < 400 {
+        tokio::select! {
+            Some(d) = a.next() => { got_a += 1; record(&d, &mut per_key, &mut partitions); a.confirm(&d).await.expect("confirm"); }
+            Some(d) = b.next() => { got_b += 1; record(&d, &mut per_key_b, &mut partitions); b.confirm(&d).await.expect("confirm"); }
+            _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("stalled at {}", got_a + got_b),
+        }
+    }
+    fn record(
+        d: &tern_client::Delivery,
+        per_key: &mut std::collections::BTreeMap<String, Vec<u32>>,
+        parts: &mut HashSet<u16>,
+    ) {
+        let text = String::from_utf8(d.payload.to_vec()).expect("utf8");
+        let (key, i) = text.split_once(':').expect("key:i");
+        per_key
+            .entry(key.to_string())
+            .or_default()
+            .push(i.parse().expect("number"));
+        parts.insert(d.partition);
+    }
+    let all_keys: HashSet<&String> = per_key.keys().chain(per_key_b.keys()).collect();
+    assert_eq!(all_keys.len(), 10);
+    for (key, seq) in per_key.iter().chain(per_key_b.iter()) {
+        let mut sorted = seq.clone();
+        sorted.sort_unstable();
+        assert_eq!(seq, &sorted, "order kept for {key}");
+    }
+    assert!(
+        partitions.len() >= 3,
+        "keys spread over partitions: {partitions:?}"
+    );
+    assert!(
+        got_a > 0 && got_b > 0,
+        "both consumers served: {got_a} / {got_b}"
+    );
+    let reply = client
+        .admin(AdminRequest::QueueStats {
+            name: "keyed".into(),
+        })
+        .await
+        .expect("stats");
+    let AdminReply::Queue(info) = reply else {
+        panic!("not a queue reply")
+    };
+    assert_eq!(info.partitions.len(), 4);
+    broker.stop().await.expect("stop");
+}
