@@ -752,3 +752,61 @@ async fn visibility_timeout_extend_and_delayed_nack() {
     }
     broker.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_ttl_expires_without_traffic_and_limits_are_checked() {
+    use tern_proto::admin::{AdminRequest, QueueSpec};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(config(dir.path())).await.expect("start");
+    let mut c = connect(&broker).await;
+    let contradictory = QueueSpec {
+        default_ttl_ms: Some(5_000),
+        max_ttl_ms: Some(1_000),
+        ..Default::default()
+    };
+    let (status, body) = create(&mut c, "bad-ttl", contradictory).await;
+    assert_eq!(status, Status::InvalidArgument, "{body}");
+    let spec = QueueSpec {
+        default_ttl_ms: Some(300),
+        max_ttl_ms: Some(60_000),
+        ..Default::default()
+    };
+    let (status, body) = create(&mut c, "ttl", spec).await;
+    assert_eq!(status, Status::Ok, "{body}");
+    let h = open(&mut c, "ttl", OPEN_PRODUCER).await;
+    let acks = put_all(&mut c, h, 0..3).await;
+    assert!(acks.iter().all(|(_, s)| *s == Status::Ok));
+    let mut long = msg(99);
+    long.ttl_ms = 120_000;
+    c.send(Frame::Put {
+        queue_id: h,
+        messages: vec![long],
+    })
+    .await
+    .expect("put");
+    match next(&mut c).await {
+        Frame::Ack { acks } => assert_eq!(acks[0].status, Status::InvalidArgument),
+        other => panic!("expected Ack, got {other:?}"),
+    }
+    // No traffic: the leader's Tick expires them.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (_, stats) = admin(&mut c, AdminRequest::QueueStats { name: "ttl".into() }).await;
+    assert_eq!(stats["depth"].as_u64(), Some(0), "{stats}");
+    assert_eq!(
+        stats["partitions"][0]["expired"].as_u64(),
+        Some(3),
+        "{stats}"
+    );
+    let mut cons = connect(&broker).await;
+    let _ch = open(&mut cons, "ttl", OPEN_CONSUMER).await;
+    let got = tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            if let Some(Ok(Frame::Push { .. })) = cons.next().await {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(got.is_err(), "an expired message is never PUSHed");
+    broker.stop().await.expect("stop");
+}

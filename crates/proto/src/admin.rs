@@ -104,6 +104,9 @@ pub struct PartitionInfo {
     pub puts_rejected: u64,
     pub confirms: u64,
     pub purged: u64,
+    /// Messages removed because their TTL passed.
+    #[serde(default)]
+    pub expired: u64,
 }
 
 /// Body of a successful AdminResponse, by request.

@@ -27,6 +27,10 @@ pub struct QueueConfig {
     pub max_message_bytes: u32,
     pub dedup_window_ms: u64,
     pub dedup_max_entries: u64,
+    /// TTL of a message PUT without one (0 = no expiry).
+    pub default_ttl_ms: u64,
+    /// Largest TTL a PUT may ask for (0 = unlimited); more is refused.
+    pub max_ttl_ms: u64,
 }
 
 impl Default for QueueConfig {
@@ -37,6 +41,8 @@ impl Default for QueueConfig {
             max_message_bytes: 4 << 20,
             dedup_window_ms: 5 * 60 * 1000,
             dedup_max_entries: 1_000_000,
+            default_ttl_ms: 0,
+            max_ttl_ms: 0,
         }
     }
 }
@@ -59,14 +65,21 @@ pub enum OriginalOutcome {
     Enqueued,
     QuotaExceeded,
     TooLarge,
+    InvalidTtl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
-    Enqueued { seq: u64 },
-    Duplicate { original: OriginalOutcome },
+    Enqueued {
+        seq: u64,
+    },
+    Duplicate {
+        original: OriginalOutcome,
+    },
     QuotaExceeded,
     TooLarge,
+    /// The PUT asked for a TTL above the queue's maximum.
+    InvalidTtl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,8 +194,15 @@ impl PartitionState {
             };
         }
         let size = m.payload.len() as u64;
+        let ttl_ms = if m.ttl_ms == 0 {
+            self.config.default_ttl_ms
+        } else {
+            m.ttl_ms
+        };
         let (outcome, original) = if size > u64::from(self.config.max_message_bytes) {
             (PutOutcome::TooLarge, OriginalOutcome::TooLarge)
+        } else if self.config.max_ttl_ms > 0 && ttl_ms > self.config.max_ttl_ms {
+            (PutOutcome::InvalidTtl, OriginalOutcome::InvalidTtl)
         } else if self.messages.len() as u64 >= self.config.max_messages
             || self.bytes + size > self.config.max_bytes
         {
@@ -190,7 +210,7 @@ impl PartitionState {
         } else {
             (
                 PutOutcome::Enqueued {
-                    seq: self.enqueue(index, offset, m),
+                    seq: self.enqueue(index, offset, m, ttl_ms),
                 },
                 OriginalOutcome::Enqueued,
             )
@@ -204,10 +224,10 @@ impl PartitionState {
         outcome
     }
 
-    fn enqueue(&mut self, index: u64, offset: u32, m: &crate::PutMessage) -> u64 {
+    fn enqueue(&mut self, index: u64, offset: u32, m: &crate::PutMessage, ttl_ms: u64) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let expires_ms = (m.ttl_ms > 0).then(|| self.now_ms.saturating_add(m.ttl_ms));
+        let expires_ms = (ttl_ms > 0).then(|| self.now_ms.saturating_add(ttl_ms));
         let meta = MessageMeta {
             seq,
             guid: m.guid,
@@ -306,6 +326,12 @@ impl PartitionState {
         self.now_ms
     }
 
+    /// When the next message expires (by command time), if any has a TTL. The leader
+    /// proposes a `Tick` then, so expiry happens without traffic.
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.expiry.first().map(|(at, _)| *at)
+    }
+
     /// The smallest log index still holding an unsettled message's payload.
     pub fn min_live_index(&self) -> Option<u64> {
         self.live_per_index.keys().next().copied()
@@ -357,6 +383,7 @@ impl PartitionState {
             b.put_u8(match self.dedup.get(g) {
                 Some(OriginalOutcome::QuotaExceeded) => 1,
                 Some(OriginalOutcome::TooLarge) => 2,
+                Some(OriginalOutcome::InvalidTtl) => 3,
                 _ => 0,
             });
         }
@@ -434,6 +461,7 @@ impl PartitionState {
             let outcome = match b.get_u8() {
                 1 => OriginalOutcome::QuotaExceeded,
                 2 => OriginalOutcome::TooLarge,
+                3 => OriginalOutcome::InvalidTtl,
                 _ => OriginalOutcome::Enqueued,
             };
             st.dedup.insert(guid, outcome);

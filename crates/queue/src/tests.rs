@@ -290,6 +290,47 @@ fn nack_with_delay_returns_the_message_after_the_delay() {
     assert_eq!(d.poll(&st, 1_300, 10)[0].attempt, 3);
 }
 
+#[test]
+fn queue_default_and_max_ttl() {
+    let cfg = QueueConfig {
+        default_ttl_ms: 100,
+        max_ttl_ms: 1_000,
+        ..QueueConfig::default()
+    };
+    let mut st = PartitionState::new(cfg);
+    let long = Command::Put {
+        now_ms: 10,
+        messages: vec![PutMessage {
+            guid: guid(7),
+            ttl_ms: 5_000,
+            key: Bytes::new(),
+            payload: Bytes::from_static(b"x"),
+        }],
+    };
+    let Applied::Put(o) = apply(&mut st, 1, &long) else {
+        panic!()
+    };
+    assert_eq!(o[0].1, PutOutcome::InvalidTtl);
+    let Applied::Put(o) = apply(&mut st, 2, &put_cmd(10, &[1], 1)) else {
+        panic!()
+    };
+    assert!(matches!(o[0].1, PutOutcome::Enqueued { .. }));
+    assert_eq!(st.next_expiry_ms(), Some(110), "the queue default applies");
+    apply(&mut st, 3, &Command::Tick { now_ms: 110 });
+    assert_eq!((st.stats().depth, st.stats().expired), (0, 1));
+    assert_eq!(st.next_expiry_ms(), None);
+    // A retry of the refused PUT gets the same answer from the dedup history.
+    let Applied::Put(o) = apply(&mut st, 4, &long) else {
+        panic!()
+    };
+    assert_eq!(
+        o[0].1,
+        PutOutcome::Duplicate {
+            original: OriginalOutcome::InvalidTtl
+        }
+    );
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Put(Vec<u32>),

@@ -638,6 +638,7 @@ impl Node {
         for part in self.partitions.values_mut() {
             part.group.tick();
             part.check_timers(now);
+            part.maybe_propose_tick(now, &self.metrics);
             let expired = part.expire_parked(put_timeout);
             self.pending_put_bytes = self.pending_put_bytes.saturating_sub(expired);
         }
@@ -999,8 +1000,6 @@ impl Node {
                 "max_delivery_attempts",
                 spec.max_delivery_attempts.map(u64::from),
             ),
-            ("default_ttl_ms", spec.default_ttl_ms),
-            ("max_ttl_ms", spec.max_ttl_ms),
             ("retention_max_age_ms", spec.retention_max_age_ms),
             ("retention_max_bytes", spec.retention_max_bytes),
         ] {
@@ -1015,6 +1014,13 @@ impl Node {
                 "visibility_timeout_ms must be at most {MAX_VISIBILITY_TIMEOUT_MS} (12 h), got {visibility_timeout_ms}"
             ));
         }
+        let default_ttl_ms = spec.default_ttl_ms.unwrap_or(0);
+        let max_ttl_ms = spec.max_ttl_ms.unwrap_or(0);
+        if max_ttl_ms > 0 && default_ttl_ms > max_ttl_ms {
+            return invalid(format!(
+                "default_ttl_ms ({default_ttl_ms}) is above max_ttl_ms ({max_ttl_ms})"
+            ));
+        }
         if spec.dead_letter_queue.is_some() {
             return invalid("dead_letter_queue is not supported by this build yet".into());
         }
@@ -1027,6 +1033,8 @@ impl Node {
             max_message_bytes: Some(max_message_bytes),
             dedup_window_ms: Some(spec.dedup_window_ms.unwrap_or(d.dedup_window_ms)),
             visibility_timeout_ms: Some(visibility_timeout_ms),
+            default_ttl_ms: Some(default_ttl_ms),
+            max_ttl_ms: Some(max_ttl_ms),
             ..QueueSpec::default()
         })
     }

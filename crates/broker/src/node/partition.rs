@@ -45,6 +45,8 @@ impl PartitionLimits {
         if let Some(v) = spec.dedup_window_ms {
             config.dedup_window_ms = v;
         }
+        config.default_ttl_ms = spec.default_ttl_ms.unwrap_or(0);
+        config.max_ttl_ms = spec.max_ttl_ms.unwrap_or(0);
         PartitionLimits {
             config,
             visibility_timeout_ms: spec.visibility_timeout_ms.unwrap_or(0),
@@ -90,6 +92,8 @@ enum PendingKind {
     Purge {
         id: u64,
     },
+    /// A time-only command, proposed so TTL expiry happens without traffic.
+    Tick,
 }
 
 struct Pending {
@@ -196,6 +200,23 @@ impl Partition {
     }
 
     /// Called every tick: a due visibility deadline or NACK delay makes delivery run.
+    /// Called every tick by the leader: if a message's TTL has passed, propose a Tick so
+    /// every replica removes it (time in the state machine comes only from the log).
+    pub fn maybe_propose_tick(&mut self, now_ms: u64, metrics: &Metrics) {
+        let due = self.state.next_expiry_ms().is_some_and(|t| t <= now_ms);
+        let pending = self
+            .pending
+            .values()
+            .any(|p| matches!(p.kind, PendingKind::Tick));
+        if due && !pending && self.group.is_leader() {
+            let _ = self.propose(
+                Command::Tick { now_ms }.encode(),
+                PendingKind::Tick,
+                metrics,
+            );
+        }
+    }
+
     pub fn check_timers(&mut self, now_ms: u64) {
         if self.dispatcher.next_timer_ms().is_some_and(|t| t <= now_ms) {
             self.dispatch_dirty = true;
@@ -467,6 +488,7 @@ impl Partition {
             PendingKind::Puts { batch } => self.parked.push_back((batch, Instant::now())),
             PendingKind::Confirms { batch } => answer_confirms_failed(batch, Status::Unavailable),
             PendingKind::Purge { id } => result.purged.push((id, 0)),
+            PendingKind::Tick => {}
         }
     }
 
@@ -606,6 +628,7 @@ impl Partition {
             puts_rejected: stats.puts_rejected,
             confirms: stats.confirms,
             purged: stats.purged,
+            expired: stats.expired,
         }
     }
 
@@ -657,7 +680,7 @@ impl Partition {
             match p.kind {
                 PendingKind::Puts { batch } => batches.push(batch),
                 PendingKind::Confirms { batch } => answer_confirms_failed(batch, status),
-                PendingKind::Purge { .. } => {}
+                PendingKind::Purge { .. } | PendingKind::Tick => {}
             }
         }
         for b in batches {
@@ -674,6 +697,7 @@ fn put_status(o: &PutOutcome) -> Status {
         PutOutcome::Duplicate { original } => original_status(original),
         PutOutcome::QuotaExceeded => Status::QuotaExceeded,
         PutOutcome::TooLarge => Status::MessageTooLarge,
+        PutOutcome::InvalidTtl => Status::InvalidArgument,
     }
 }
 
@@ -682,6 +706,7 @@ fn original_status(o: &tern_queue::OriginalOutcome) -> Status {
         tern_queue::OriginalOutcome::Enqueued => Status::Ok,
         tern_queue::OriginalOutcome::QuotaExceeded => Status::QuotaExceeded,
         tern_queue::OriginalOutcome::TooLarge => Status::MessageTooLarge,
+        tern_queue::OriginalOutcome::InvalidTtl => Status::InvalidArgument,
     }
 }
 
