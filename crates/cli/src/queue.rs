@@ -152,15 +152,25 @@ fn print_table(queues: &[QueueInfo]) {
 fn print_queue(q: &QueueInfo) {
     println!("queue {}", q.name);
     let s = &q.spec;
+    let ms = |v: Option<u64>| {
+        v.filter(|v| *v > 0)
+            .map_or("off".to_string(), |v| format!("{v} ms"))
+    };
     println!(
-        "  mode {} storage {} partitions {} max_messages {} max_bytes {} max_message_bytes {} dedup_window_ms {}",
+        "  mode {} storage {} partitions {} max_messages {} max_bytes {} max_message_bytes {}",
         s.mode.as_deref().unwrap_or("-"),
         s.storage.as_deref().unwrap_or("-"),
         s.partitions.unwrap_or(0),
         s.max_messages.unwrap_or(0),
         s.max_bytes.unwrap_or(0),
         s.max_message_bytes.unwrap_or(0),
-        s.dedup_window_ms.unwrap_or(0)
+    );
+    println!(
+        "  dedup_window {} visibility_timeout {} default_ttl {} max_ttl {}",
+        ms(s.dedup_window_ms),
+        ms(s.visibility_timeout_ms),
+        ms(s.default_ttl_ms),
+        ms(s.max_ttl_ms)
     );
     println!(
         "  depth {} in_flight {} bytes {} consumers {} oldest {}",
@@ -171,16 +181,26 @@ fn print_queue(q: &QueueInfo) {
         age(q.oldest_age_ms)
     );
     println!(
-        "  {:>4} {:>7} {:>10} {:>10} {:>12} {:>10} {:>12}",
-        "PART", "LEADER", "DEPTH", "IN_FLIGHT", "COMMIT", "OLDEST", "LOG_BYTES"
+        "  {:>4} {:>7} {:>10} {:>10} {:>8} {:>8} {:>12} {:>10} {:>12}",
+        "PART",
+        "LEADER",
+        "DEPTH",
+        "IN_FLIGHT",
+        "DELAYED",
+        "EXPIRED",
+        "COMMIT",
+        "OLDEST",
+        "LOG_BYTES"
     );
     for p in &q.partitions {
         println!(
-            "  {:>4} {:>7} {:>10} {:>10} {:>12} {:>10} {:>12}",
+            "  {:>4} {:>7} {:>10} {:>10} {:>8} {:>8} {:>12} {:>10} {:>12}",
             p.partition,
             p.leader.map_or("-".into(), |l| l.to_string()),
             p.depth,
             p.in_flight,
+            p.delayed,
+            p.expired,
             p.commit_index,
             age(p.oldest_age_ms),
             p.log_disk_bytes
