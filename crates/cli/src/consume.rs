@@ -1,5 +1,6 @@
 //! `tern consume`: print each message, then CONFIRM it (so a crash between the two
-//! means redelivery, never loss).
+//! means redelivery, never loss). Before exiting, wait (bounded) for the CONFIRMs'
+//! answers so an exit after `--count N` really settled N messages.
 
 use crate::{dur, ClientArgs};
 use base64::Engine;
@@ -7,7 +8,7 @@ use clap::Args;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
-use tern_client::{guid_hex, Client, ConsumerOptions};
+use tern_client::{guid_hex, Client, ConsumerOptions, Delivery};
 
 #[derive(Args, Debug)]
 pub struct ConsumeArgs {
@@ -22,20 +23,17 @@ pub struct ConsumeArgs {
     #[arg(long, value_parser = dur::parse_ms)]
     pub idle_timeout: Option<u64>,
     /// Most messages held unconfirmed at once (flow control).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_unconfirmed: u32,
     /// Subscription name (fanout queues).
     #[arg(long, default_value = "")]
     pub subscription: String,
-    /// Print without confirming (messages are redelivered later).
+    /// Print without confirming (the messages are redelivered later).
     #[arg(long)]
     pub no_confirm: bool,
 }
 
 pub async fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
-    if args.max_unconfirmed == 0 {
-        anyhow::bail!("--max-unconfirmed must be at least 1");
-    }
     let client = Client::connect(args.client.config()).await?;
     let options = ConsumerOptions {
         subscription: args.subscription.clone(),
@@ -45,28 +43,28 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let mut consumer = client.consumer(&args.queue, options).await?;
     let mut received = 0u64;
     let mut out = std::io::stdout().lock();
+    let stop = stop_signal();
+    tokio::pin!(stop);
     while args.count.is_none_or(|n| received < n) {
-        let next = match args.idle_timeout {
-            Some(ms) => consumer.next_timeout(Duration::from_millis(ms)).await,
-            None => consumer.next().await,
+        let next = async {
+            match args.idle_timeout {
+                Some(ms) => consumer.next_timeout(Duration::from_millis(ms)).await,
+                None => consumer.next().await,
+            }
+        };
+        let next = tokio::select! {
+            d = next => d,
+            _ = &mut stop => None,
         };
         let Some(d) = next else { break };
         received += 1;
         if args.client.json {
-            let mut v = serde_json::json!({ "guid": guid_hex(&d.guid), "partition": d.partition, "attempt": d.attempt });
-            match std::str::from_utf8(&d.payload) {
-                Ok(text) => v["payload"] = text.into(),
-                Err(_) => {
-                    v["payload_b64"] = base64::engine::general_purpose::STANDARD
-                        .encode(&d.payload)
-                        .into()
-                }
-            }
-            writeln!(out, "{v}")?;
+            writeln!(out, "{}", json_line(&d))?;
         } else {
-            writeln!(out, "{}", String::from_utf8_lossy(&d.payload))?;
+            out.write_all(&d.payload)?;
+            out.write_all(b"\n")?;
         }
-        // Printed first, confirmed second: at-least-once from the reader's point of view too.
+        // Printed first, confirmed second: at-least-once from the reader's view too.
         out.flush()?;
         if !args.no_confirm {
             consumer.confirm(&d).await?;
@@ -80,4 +78,66 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `{"guid":…,"payload":…,"partition":P,"attempt":A}`, or `payload_b64` when the payload
+/// is not UTF-8.
+fn json_line(d: &Delivery) -> serde_json::Value {
+    let mut v = serde_json::json!({ "guid": guid_hex(&d.guid) });
+    match std::str::from_utf8(&d.payload) {
+        Ok(text) => v["payload"] = text.into(),
+        Err(_) => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&d.payload);
+            v["payload_b64"] = b64.into();
+        }
+    }
+    v["partition"] = d.partition.into();
+    v["attempt"] = d.attempt.into();
+    v
+}
+
+/// Resolves on SIGINT or SIGTERM: stop taking messages, settle the confirms, exit.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn delivery(payload: &'static [u8]) -> Delivery {
+        Delivery {
+            guid: [0xab; 16],
+            partition: 3,
+            attempt: 2,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn json_line_text_and_binary() {
+        let v = json_line(&delivery(b"hello"));
+        assert_eq!(
+            v.to_string(),
+            format!(
+                r#"{{"guid":"{}","payload":"hello","partition":3,"attempt":2}}"#,
+                "ab".repeat(16)
+            )
+        );
+        let v = json_line(&delivery(&[0xff, 0x00]));
+        assert_eq!(v["payload_b64"], "/wA=");
+        assert!(v.get("payload").is_none());
+    }
 }

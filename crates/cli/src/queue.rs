@@ -33,11 +33,11 @@ pub struct CreateArgs {
     pub name: String,
     #[arg(long)]
     pub partitions: Option<u16>,
-    /// work | fanout
-    #[arg(long)]
+    /// work: each message to one consumer; fanout: each subscription gets every message.
+    #[arg(long, value_parser = ["work", "fanout"])]
     pub mode: Option<String>,
-    /// durable | memory
-    #[arg(long)]
+    /// durable: fsynced by a quorum before the ACK; memory: replicated, not fsynced.
+    #[arg(long, value_parser = ["durable", "memory"])]
     pub storage: Option<String>,
     #[arg(long)]
     pub max_messages: Option<u64>,
@@ -122,9 +122,61 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     if args.client.json {
         println!("{value}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        print_cluster(&value)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Nodes, metadata group and partitions as tables; unknown shapes as pretty JSON.
+fn print_cluster(v: &serde_json::Value) -> anyhow::Result<()> {
+    let (Some(nodes), Some(parts)) = (v["nodes"].as_array(), v["partitions"].as_array()) else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    };
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!("connected to node {}", text(&v["node_id"]));
+    let meta = &v["metadata"];
+    println!(
+        "metadata: leader {} term {} commit {}",
+        text(&meta["leader"]),
+        text(&meta["term"]),
+        text(&meta["commit_index"])
+    );
+    println!(
+        "{:>6} {:<24} {:<24} {:<8}",
+        "NODE", "ADDR", "PEER_ADDR", "HEALTHY"
+    );
+    for n in nodes {
+        println!(
+            "{:>6} {:<24} {:<24} {:<8}",
+            text(&n["id"]),
+            text(&n["addr"]),
+            text(&n["peer_addr"]),
+            text(&n["healthy"])
+        );
+    }
+    println!(
+        "{:<24} {:>4} {:>7} {:>6} {:>10} {:>10} {:<16} {:<}",
+        "QUEUE", "PART", "LEADER", "TERM", "COMMIT", "APPLIED", "REPLICAS", "LAG"
+    );
+    for p in parts {
+        println!(
+            "{:<24} {:>4} {:>7} {:>6} {:>10} {:>10} {:<16} {:<}",
+            text(&p["queue"]),
+            text(&p["partition"]),
+            text(&p["leader"]),
+            text(&p["term"]),
+            text(&p["commit_index"]),
+            text(&p["applied_index"]),
+            text(&p["replicas"]),
+            text(&p["replica_lag"])
+        );
+    }
+    Ok(())
 }
 
 fn age(ms: Option<u64>) -> String {

@@ -18,7 +18,7 @@ mod partition;
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
 use meta::{MetaCommand, MetaOutcome, MetaState, QueueDef, META_GROUP_ID};
-use partition::{Partition, PartitionLimits};
+use partition::{config_from_spec, Partition};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -348,8 +348,8 @@ impl Node {
                 continue;
             }
             let gcfg = group_config(&self.cfg, gid, true);
-            let limits = PartitionLimits::from_spec(&def.spec);
-            let part = Partition::open(queue.clone(), p, &gcfg, limits)?;
+            let config = config_from_spec(&def.spec);
+            let part = Partition::open(queue.clone(), p, &gcfg, config.clone())?;
             self.partitions.insert(gid, part);
         }
         Ok(())

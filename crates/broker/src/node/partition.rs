@@ -15,43 +15,33 @@ use std::time::{Duration, Instant};
 use tern_proto::admin::{PartitionInfo, QueueSpec};
 use tern_proto::{AckEntry, ConfirmAckEntry, Frame, Guid, PushMessage, Status, ACK_DURABLE};
 use tern_queue::{
-    Applied, Command, ConfirmOutcome, ConsumerId, Delivery, Dispatcher, FlowLimits, PartitionState,
-    PutOutcome, QueueConfig,
+    Applied, Command, ConfirmOutcome, ConsumerId, Delivery, Dispatcher, FlowLimits, Outcome,
+    PartitionState, PutOutcome, QueueConfig,
 };
 use tern_replication::{Group, GroupConfig, ReadyOutput, ReplicationError};
 
 /// Most PUSHes produced per partition per round (bounds a round's latency).
 const MAX_PUSH_PER_ROUND: usize = 4096;
 
-/// Settings of the partition's state machine, derived from the queue's effective spec.
-pub struct PartitionLimits {
-    pub config: QueueConfig,
-    /// Leader-local: a delivery not confirmed within this goes back (0 = never).
-    pub visibility_timeout_ms: u64,
-}
-
-impl PartitionLimits {
-    pub fn from_spec(spec: &QueueSpec) -> Self {
-        let mut config = QueueConfig::default();
-        if let Some(v) = spec.max_messages {
-            config.max_messages = v;
-        }
-        if let Some(v) = spec.max_bytes {
-            config.max_bytes = v;
-        }
-        if let Some(v) = spec.max_message_bytes {
-            config.max_message_bytes = v;
-        }
-        if let Some(v) = spec.dedup_window_ms {
-            config.dedup_window_ms = v;
-        }
-        config.default_ttl_ms = spec.default_ttl_ms.unwrap_or(0);
-        config.max_ttl_ms = spec.max_ttl_ms.unwrap_or(0);
-        PartitionLimits {
-            config,
-            visibility_timeout_ms: spec.visibility_timeout_ms.unwrap_or(0),
-        }
+/// The state machine's settings for a queue's effective spec.
+pub fn config_from_spec(spec: &QueueSpec) -> QueueConfig {
+    let mut config = QueueConfig::default();
+    if let Some(v) = spec.max_messages {
+        config.max_messages = v;
     }
+    if let Some(v) = spec.max_bytes {
+        config.max_bytes = v;
+    }
+    if let Some(v) = spec.max_message_bytes {
+        config.max_message_bytes = v;
+    }
+    if let Some(v) = spec.dedup_window_ms {
+        config.dedup_window_ms = v;
+    }
+    config.default_ttl_ms = spec.default_ttl_ms.unwrap_or(0);
+    config.max_ttl_ms = spec.max_ttl_ms.unwrap_or(0);
+    config.visibility_timeout_ms = spec.visibility_timeout_ms.unwrap_or(0);
+    config
 }
 
 /// A run of consecutive messages in a batch that came from one connection.
@@ -133,22 +123,25 @@ impl Partition {
         queue: Arc<str>,
         index: u16,
         gcfg: &GroupConfig,
-        limits: PartitionLimits,
+        config: QueueConfig,
     ) -> Result<Self, ReplicationError> {
         let (mut group, snapshot) = Group::open(gcfg)?;
         let state = match snapshot {
-            Some(bytes) => PartitionState::restore(&bytes, limits.config.clone()).map_err(|e| {
-                ReplicationError::CorruptState {
-                    path: gcfg.dir.join("snapshot"),
-                    reason: e.to_string(),
-                }
-            })?,
-            None => PartitionState::new(limits.config.clone()),
+            Some(bytes) => {
+                let mut state = PartitionState::restore(&bytes).map_err(|e| {
+                    ReplicationError::CorruptState {
+                        path: gcfg.dir.join("snapshot"),
+                        reason: e.to_string(),
+                    }
+                })?;
+                state.set_config(config);
+                state
+            }
+            None => PartitionState::new(config),
         };
         group.campaign_if_sole_voter()?;
         let log_bytes_at_snapshot = group.log_disk_bytes();
         let mut dispatcher = Dispatcher::new();
-        dispatcher.set_visibility_timeout(limits.visibility_timeout_ms);
         dispatcher.rebuild(&state);
         Ok(Partition {
             queue,
@@ -426,8 +419,8 @@ impl Partition {
         metrics: &Metrics,
         result: &mut ApplyResult,
     ) {
-        match (kind, applied) {
-            (PendingKind::Puts { batch }, Applied::Put(outcomes)) => {
+        match (kind, &applied.outcome) {
+            (PendingKind::Puts { batch }, Outcome::Put(outcomes)) => {
                 result.answered_bytes += batch.bytes;
                 debug_assert_eq!(outcomes.len(), batch.msgs.len());
                 let statuses: HashMap<Guid, Status> =
@@ -442,7 +435,12 @@ impl Partition {
                     statuses.get(g).copied().unwrap_or(Status::Internal)
                 });
             }
-            (PendingKind::Confirms { batch }, Applied::Confirm(outcomes)) => {
+            (
+                PendingKind::Confirms { batch },
+                Outcome::Confirm {
+                    results: outcomes, ..
+                },
+            ) => {
                 let settled = outcomes
                     .iter()
                     .filter(|(_, o)| matches!(o, ConfirmOutcome::Settled))
@@ -470,7 +468,7 @@ impl Partition {
                     statuses.get(g).copied().unwrap_or(Status::Internal)
                 });
             }
-            (PendingKind::Purge { id }, Applied::Purge { removed }) => {
+            (PendingKind::Purge { id }, Outcome::Purge { removed }) => {
                 result.purged.push((id, *removed))
             }
             (kind, _) => {
