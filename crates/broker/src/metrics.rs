@@ -21,6 +21,13 @@ pub struct PartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubscriptionLabels {
+    pub queue: String,
+    pub partition: String,
+    pub subscription: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub queue: String,
     pub status: String,
@@ -36,6 +43,10 @@ pub struct Metrics {
     pub queue_bytes: Family<PartitionLabels, Gauge>,
     pub consumers: Family<PartitionLabels, Gauge>,
     pub log_disk_bytes: Family<PartitionLabels, Gauge>,
+    pub sub_depth: Family<SubscriptionLabels, Gauge>,
+    pub sub_lag: Family<SubscriptionLabels, Gauge>,
+    pub sub_dead_lettered: Family<SubscriptionLabels, Gauge>,
+    pub sub_dropped: Family<SubscriptionLabels, Gauge>,
     pub ack_latency: Histogram,
     pub fsync_latency: Histogram,
     pub entries_proposed: Counter,
@@ -57,6 +68,10 @@ impl Metrics {
             queue_bytes: Family::default(),
             consumers: Family::default(),
             log_disk_bytes: Family::default(),
+            sub_depth: Family::default(),
+            sub_lag: Family::default(),
+            sub_dead_lettered: Family::default(),
+            sub_dropped: Family::default(),
             // 50 µs .. ~26 s
             ack_latency: Histogram::new(exponential_buckets(0.00005, 2.0, 20)),
             // 10 µs .. ~5 s
@@ -102,6 +117,26 @@ impl Metrics {
             "log_disk_bytes",
             "bytes of log segments on disk",
             self.log_disk_bytes.clone(),
+        );
+        r.register(
+            "subscription_depth",
+            "unsettled messages per subscription (\"\" = work queue)",
+            self.sub_depth.clone(),
+        );
+        r.register(
+            "subscription_lag",
+            "consumer lag per subscription: seqs from its oldest unsettled message to the newest",
+            self.sub_lag.clone(),
+        );
+        r.register(
+            "subscription_dead_lettered",
+            "messages dead-lettered per subscription (since the partition was created)",
+            self.sub_dead_lettered.clone(),
+        );
+        r.register(
+            "subscription_dropped",
+            "messages dropped by fan-out retention per subscription",
+            self.sub_dropped.clone(),
         );
         r.register(
             "ack_latency_seconds",

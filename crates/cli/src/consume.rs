@@ -29,8 +29,12 @@ pub struct ConsumeArgs {
     #[arg(long, default_value = "")]
     pub subscription: String,
     /// Print without confirming (the messages are redelivered later).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nack")]
     pub no_confirm: bool,
+    /// Print, then give each message back (NACK) for redelivery; counts as a failed
+    /// delivery attempt (see `queue create --max-delivery-attempts`).
+    #[arg(long)]
+    pub nack: bool,
 }
 
 pub async fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
@@ -63,10 +67,25 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         } else {
             out.write_all(&d.payload)?;
             out.write_all(b"\n")?;
+            if let Some(dl) = &d.dead_letter {
+                eprintln!(
+                    "  (dead letter from {}{}: {} after {} attempts)",
+                    dl.source_queue,
+                    if dl.subscription.is_empty() {
+                        String::new()
+                    } else {
+                        format!("/{}", dl.subscription)
+                    },
+                    dl.reason.name(),
+                    dl.attempts
+                );
+            }
         }
         // Printed first, confirmed second: at-least-once from the reader's view too.
         out.flush()?;
-        if !args.no_confirm {
+        if args.nack {
+            consumer.nack(&d, 0).await?;
+        } else if !args.no_confirm {
             consumer.confirm(&d).await?;
         }
     }
@@ -93,6 +112,15 @@ fn json_line(d: &Delivery) -> serde_json::Value {
     }
     v["partition"] = d.partition.into();
     v["attempt"] = d.attempt.into();
+    if let Some(dl) = &d.dead_letter {
+        v["dead_letter"] = serde_json::json!({
+            "queue": dl.source_queue,
+            "subscription": dl.subscription,
+            "reason": dl.reason.name(),
+            "attempts": dl.attempts,
+            "original_guid": guid_hex(&dl.original_guid),
+        });
+    }
     v
 }
 
@@ -123,6 +151,7 @@ mod tests {
             partition: 3,
             attempt: 2,
             payload: Bytes::from_static(payload),
+            dead_letter: None,
         }
     }
 

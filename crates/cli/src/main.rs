@@ -76,6 +76,14 @@ impl ClientArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Server(_)) {
+        // A client command piped into `head` should end quietly, as Unix tools do,
+        // not panic on a closed stdout. (The server keeps Rust's ignored SIGPIPE.)
+        // SAFETY: called before any thread starts; resets one signal's disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Server(args) => server::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Produce(args) => client_runtime(produce::run(args)),

@@ -181,7 +181,11 @@ async fn report(mut rx: mpsc::Receiver<(u64, PutHandle)>, json: bool) -> Tally {
             tally.failed += 1;
         }
         if json {
-            let line = serde_json::json!({ "seq": seq, "guid": guid_hex(&r.guid), "status": r.status.name() });
+            let mut line = serde_json::json!({ "seq": seq, "guid": guid_hex(&r.guid), "status": r.status.name() });
+            if r.status == Status::Ok && !r.durable {
+                // A memory (transient) queue: stored by the cluster, not fsynced.
+                line["durable"] = false.into();
+            }
             let _ = writeln!(out, "{line}");
         } else if r.status != Status::Ok {
             let _ = writeln!(out, "message {seq} ({}): {}", guid_hex(&r.guid), r.status);

@@ -26,6 +26,18 @@ pub enum QueueCommand {
     Delete { name: String },
     /// Remove every message of a queue (the queue stays).
     Purge { name: String },
+    /// Fanout: create a named subscription; it receives every message PUT from now on.
+    Subscribe {
+        queue: String,
+        #[arg(long)]
+        subscription: String,
+    },
+    /// Fanout: delete a subscription; messages only it still needed are released.
+    Unsubscribe {
+        queue: String,
+        #[arg(long)]
+        subscription: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -49,10 +61,22 @@ pub struct CreateArgs {
     pub dedup_window: Option<u64>,
     #[arg(long, value_parser = dur::parse_ms)]
     pub visibility_timeout: Option<u64>,
+    /// After this many failed deliveries (visibility timeout, NACK, consumer gone) a
+    /// message goes to the dead-letter queue (or is discarded without one). 0 = never.
     #[arg(long)]
     pub max_delivery_attempts: Option<u32>,
+    /// An existing queue that receives this queue's dead letters.
     #[arg(long)]
     pub dead_letter_queue: Option<String>,
+    /// Dead-letter expired messages instead of dropping them (needs --dead-letter-queue).
+    #[arg(long)]
+    pub dead_letter_expired: bool,
+    /// Fanout: drop messages older than this for every subscription (e.g. 7d).
+    #[arg(long, value_parser = dur::parse_ms)]
+    pub retention_max_age: Option<u64>,
+    /// Fanout: drop the oldest messages when the queue holds more payload bytes than this.
+    #[arg(long)]
+    pub retention_max_bytes: Option<u64>,
     #[arg(long, value_parser = dur::parse_ms)]
     pub default_ttl: Option<u64>,
     #[arg(long, value_parser = dur::parse_ms)]
@@ -90,15 +114,31 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
                 visibility_timeout_ms: c.visibility_timeout,
                 max_delivery_attempts: c.max_delivery_attempts,
                 dead_letter_queue: c.dead_letter_queue,
+                dead_letter_expired: c.dead_letter_expired.then_some(true),
+                retention_max_age_ms: c.retention_max_age,
+                retention_max_bytes: c.retention_max_bytes,
                 default_ttl_ms: c.default_ttl,
                 max_ttl_ms: c.max_ttl,
-                ..QueueSpec::default()
             },
         },
         QueueCommand::List => AdminRequest::ListQueues,
         QueueCommand::Stats { name } => AdminRequest::QueueStats { name },
         QueueCommand::Delete { name } => AdminRequest::DeleteQueue { name },
         QueueCommand::Purge { name } => AdminRequest::PurgeQueue { name },
+        QueueCommand::Subscribe {
+            queue,
+            subscription,
+        } => AdminRequest::CreateSubscription {
+            queue,
+            name: subscription,
+        },
+        QueueCommand::Unsubscribe {
+            queue,
+            subscription,
+        } => AdminRequest::DeleteSubscription {
+            queue,
+            name: subscription,
+        },
     };
     let reply = client.admin(req).await?;
     if json {
@@ -225,6 +265,14 @@ fn print_queue(q: &QueueInfo) {
         ms(s.max_ttl_ms)
     );
     println!(
+        "  max_delivery_attempts {} dead_letter_queue {} dead_letter_expired {} retention_max_age {} retention_max_bytes {}",
+        s.max_delivery_attempts.filter(|v| *v > 0).map_or("off".to_string(), |v| v.to_string()),
+        s.dead_letter_queue.as_deref().unwrap_or("-"),
+        s.dead_letter_expired.unwrap_or(false),
+        ms(s.retention_max_age_ms),
+        s.retention_max_bytes.filter(|v| *v > 0).map_or("off".to_string(), |v| v.to_string()),
+    );
+    println!(
         "  depth {} in_flight {} bytes {} consumers {} oldest {}",
         q.depth,
         q.in_flight,
@@ -256,6 +304,46 @@ fn print_queue(q: &QueueInfo) {
             p.commit_index,
             age(p.oldest_age_ms),
             p.log_disk_bytes
+        );
+    }
+    let subs: Vec<_> = q
+        .partitions
+        .iter()
+        .flat_map(|p| p.subscriptions.iter().map(move |s| (p.partition, s)))
+        .collect();
+    if subs.is_empty() {
+        return;
+    }
+    println!(
+        "  {:>4} {:<16} {:>8} {:>8} {:>9} {:>7} {:>8} {:>9} {:>7} {:>7} {:>9} {:>8}",
+        "PART",
+        "SUBSCRIPTION",
+        "DEPTH",
+        "LAG",
+        "IN_FLIGHT",
+        "DELAYED",
+        "DLQ_DUE",
+        "DEAD_LTR",
+        "EXPIRED",
+        "DROPPED",
+        "CONSUMERS",
+        "OLDEST"
+    );
+    for (part, s) in subs {
+        println!(
+            "  {:>4} {:<16} {:>8} {:>8} {:>9} {:>7} {:>8} {:>9} {:>7} {:>7} {:>9} {:>8}",
+            part,
+            if s.name.is_empty() { "(work)" } else { &s.name },
+            s.depth,
+            s.lag,
+            s.in_flight,
+            s.delayed,
+            s.dead_letter_due,
+            s.dead_lettered,
+            s.expired,
+            s.dropped,
+            s.consumers,
+            age(s.oldest_age_ms)
         );
     }
 }

@@ -195,6 +195,8 @@ pub struct Delivery {
     /// 1 on the first delivery, raised on every redelivery.
     pub attempt: u32,
     pub payload: Bytes,
+    /// Set on messages of a dead-letter queue: the queue they came from and why.
+    pub dead_letter: Option<tern_proto::DeadLetterInfo>,
 }
 
 #[derive(Clone, Debug)]

@@ -769,6 +769,7 @@ impl Session {
                 partition: m.partition,
                 attempt: m.attempt,
                 payload: m.payload,
+                dead_letter: m.dead_letter,
             };
             let _ = tx.send((generation, d));
         }

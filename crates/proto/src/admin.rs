@@ -29,6 +29,16 @@ pub enum AdminRequest {
     QueueStats {
         name: String,
     },
+    /// Fan-out: creates a named subscription; it receives messages PUT from now on.
+    CreateSubscription {
+        queue: String,
+        name: String,
+    },
+    /// Fan-out: deletes a subscription; messages only it still needed are released.
+    DeleteSubscription {
+        queue: String,
+        name: String,
+    },
     ClusterStatus,
 }
 
@@ -59,6 +69,9 @@ pub struct QueueSpec {
     pub max_delivery_attempts: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_queue: Option<String>,
+    /// Expired messages go to the dead-letter queue instead of being dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_expired: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_ttl_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,6 +120,39 @@ pub struct PartitionInfo {
     /// Messages removed because their TTL passed.
     #[serde(default)]
     pub expired: u64,
+    /// Messages moved to the dead-letter queue (or discarded when there is none).
+    #[serde(default)]
+    pub dead_lettered: u64,
+    /// Waiting to be written to the dead-letter queue.
+    #[serde(default)]
+    pub dead_letter_due: u64,
+    /// Fan-out: messages dropped by the retention limits.
+    #[serde(default)]
+    pub dropped: u64,
+    /// Per subscription ("" for a work queue), as seen by the partition's leader.
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
+
+/// Live figures of one subscription in one partition.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionInfo {
+    pub name: String,
+    /// Messages this subscription has not settled yet.
+    pub depth: u64,
+    pub bytes: u64,
+    /// Consumer lag: sequence numbers from its oldest unsettled message to the newest
+    /// message in the partition (0 = caught up).
+    pub lag: u64,
+    pub in_flight: u64,
+    pub delayed: u64,
+    pub dead_letter_due: u64,
+    pub oldest_age_ms: Option<u64>,
+    pub consumers: u64,
+    pub confirmed: u64,
+    pub dead_lettered: u64,
+    pub expired: u64,
+    pub dropped: u64,
 }
 
 /// Body of a successful AdminResponse, by request.

@@ -10,8 +10,8 @@
 //! `max_frame_bytes`) and never leaves a partial frame in the output buffer.
 
 use crate::{
-    AckEntry, ConfirmAckEntry, ExtendEntry, Frame, Guid, MessageRef, NackEntry, PushMessage,
-    PutMessage, Status,
+    AckEntry, ConfirmAckEntry, DeadLetterInfo, DeadLetterReason, ExtendEntry, Frame, Guid,
+    MessageRef, NackEntry, PushMessage, PutMessage, Status,
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -56,7 +56,10 @@ const GUID_BYTES: usize = 16;
 // the bytes left *before* allocating room for it.
 const PUT_MESSAGE_MIN: usize = GUID_BYTES + 8 + 4 + 4;
 const ACK_ENTRY_MIN: usize = GUID_BYTES + 2 + 1;
-const PUSH_MESSAGE_MIN: usize = GUID_BYTES + 2 + 4 + 4;
+/// guid, partition, attempt, payload length, flags.
+const PUSH_MESSAGE_MIN: usize = GUID_BYTES + 2 + 4 + 4 + 1;
+/// Bit 0 of a PushMessage's flags: a dead-letter section follows.
+const PUSH_DEAD_LETTER: u8 = 0x01;
 const MESSAGE_REF_MIN: usize = GUID_BYTES + 2;
 const CONFIRM_ACK_MIN: usize = GUID_BYTES + 2;
 const NACK_ENTRY_MIN: usize = GUID_BYTES + 2 + 4;
@@ -165,7 +168,13 @@ fn body_len(frame: &Frame) -> usize {
         }
         Frame::Ack { acks } => list(acks, |_| ACK_ENTRY_MIN),
         Frame::Push { messages, .. } => 4usize.saturating_add(list(messages, |m| {
-            PUSH_MESSAGE_MIN.saturating_add(m.payload.len())
+            PUSH_MESSAGE_MIN
+                .saturating_add(m.payload.len())
+                .saturating_add(m.dead_letter.as_ref().map_or(0, |d| {
+                    (1 + 4 + GUID_BYTES)
+                        .saturating_add(string(&d.source_queue))
+                        .saturating_add(string(&d.subscription))
+                }))
         })),
         Frame::Confirm { messages, .. } => {
             4usize.saturating_add(list(messages, |_| MESSAGE_REF_MIN))
@@ -308,6 +317,17 @@ fn encode_frame(frame: &Frame, max_frame_bytes: u32, dst: &mut BytesMut) -> Resu
                 dst.put_u16(m.partition);
                 dst.put_u32(m.attempt);
                 put_bytes(dst, &m.payload);
+                match &m.dead_letter {
+                    Some(d) => {
+                        dst.put_u8(PUSH_DEAD_LETTER);
+                        dst.put_u8(d.reason as u8);
+                        dst.put_u32(d.attempts);
+                        dst.put_slice(&d.original_guid);
+                        put_string(dst, &d.source_queue);
+                        put_string(dst, &d.subscription);
+                    }
+                    None => dst.put_u8(0),
+                }
             }
         }
         Frame::Confirm { queue_id, messages } => {
@@ -565,11 +585,33 @@ fn decode_frame(frame: Bytes) -> Result<Frame, ProtoError> {
         0x30 => Frame::Push {
             queue_id: r.u32()?,
             messages: r.list(PUSH_MESSAGE_MIN, |r| {
+                let guid = r.guid()?;
+                let partition = r.u16()?;
+                let attempt = r.u32()?;
+                let payload = r.bytes()?;
+                let dead_letter = match r.u8()? {
+                    0 => None,
+                    PUSH_DEAD_LETTER => Some(DeadLetterInfo {
+                        reason: match r.u8()? {
+                            1 => DeadLetterReason::MaxAttempts,
+                            2 => DeadLetterReason::Expired,
+                            other => {
+                                return Err(r.err(format!("unknown dead-letter reason {other}")))
+                            }
+                        },
+                        attempts: r.u32()?,
+                        original_guid: r.guid()?,
+                        source_queue: r.string()?,
+                        subscription: r.string()?,
+                    }),
+                    other => return Err(r.err(format!("unknown push flags 0x{other:02x}"))),
+                };
                 Ok(PushMessage {
-                    guid: r.guid()?,
-                    partition: r.u16()?,
-                    attempt: r.u32()?,
-                    payload: r.bytes()?,
+                    guid,
+                    partition,
+                    attempt,
+                    payload,
+                    dead_letter,
                 })
             })?,
         },
@@ -741,6 +783,13 @@ mod tests {
                 guid,
                 partition,
                 attempt,
+                dead_letter: (attempt % 2 == 1).then(|| DeadLetterInfo {
+                    source_queue: "orders".into(),
+                    subscription: String::new(),
+                    reason: DeadLetterReason::MaxAttempts,
+                    attempts: attempt,
+                    original_guid: guid,
+                }),
                 payload,
             },
         );

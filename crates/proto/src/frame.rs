@@ -40,6 +40,39 @@ pub struct PushMessage {
     /// 1 on first delivery, raised on every redelivery.
     pub attempt: u32,
     pub payload: Bytes,
+    /// Set when the message comes from a dead-letter queue: where and why it died.
+    pub dead_letter: Option<DeadLetterInfo>,
+}
+
+/// Why a message was moved to a dead-letter queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// It reached the source queue's `max_delivery_attempts` without a CONFIRM.
+    MaxAttempts = 1,
+    /// Its TTL passed (the source queue dead-letters expired messages).
+    Expired = 2,
+}
+
+impl DeadLetterReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeadLetterReason::MaxAttempts => "max_attempts",
+            DeadLetterReason::Expired => "expired",
+        }
+    }
+}
+
+/// Where a dead-lettered message came from; delivered with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    pub source_queue: String,
+    /// "" for a work queue.
+    pub subscription: String,
+    pub reason: DeadLetterReason,
+    /// Failed delivery attempts before it was dead-lettered.
+    pub attempts: u32,
+    /// Its GUID in the source queue.
+    pub original_guid: Guid,
 }
 
 /// Names a delivered message for CONFIRM: the GUID plus the partition it came from.

@@ -13,7 +13,14 @@
 //! Subscribe   (7): u16 name_len | name
 //! Unsubscribe (8): u16 name_len | name
 //! Configure   (9): config (the snapshot's encoding of `QueueConfig`, fixed size)
+//! PutDeadLetters (10): as Put, each message followed by
+//!                  { u8 reason (1 = max attempts, 2 = expired) | u32 attempts |
+//!                    guid[16] original | u16 len | source queue | u16 len | subscription }
 //! ```
+//!
+//! A Put whose messages all carry [`DeadLetterInfo`] is encoded with tag 10 (the
+//! broker writes dead letters in their own entries); a Put mixing both is refused by
+//! the encoder (assert).
 //!
 //! Decoding is zero-copy: keys and payloads are slices of the entry's bytes, and each
 //! payload's offset in the entry is returned so the state machine records where it
@@ -22,8 +29,10 @@
 //! A new command kind gets a new tag; a changed layout gets a new version byte.
 
 use crate::config::{put_config, read_config, QueueConfig, CONFIG_BYTES};
+use crate::outcome::DeadLetterReason;
 use crate::Guid;
 use bytes::{BufMut, Bytes, BytesMut};
+use std::sync::Arc;
 
 /// The only format version this crate writes and reads.
 pub const COMMAND_FORMAT_VERSION: u8 = 1;
@@ -41,6 +50,7 @@ const TAG_SETTLE: u8 = 6;
 const TAG_SUBSCRIBE: u8 = 7;
 const TAG_UNSUBSCRIBE: u8 = 8;
 const TAG_CONFIGURE: u8 = 9;
+const TAG_PUT_DEAD_LETTERS: u8 = 10;
 
 const HEADER_BYTES: usize = 1 + 1 + 8;
 /// guid + ttl + key_len + payload_len: the fixed part of one Put message.
@@ -76,6 +86,28 @@ pub struct PutMessage {
     /// Routing key (picks the partition upstream); at most [`MAX_KEY_BYTES`].
     pub key: Bytes,
     pub payload: Bytes,
+    /// Set on messages the broker writes to a dead-letter queue: where they came from.
+    pub dead_letter: Option<Arc<DeadLetterInfo>>,
+}
+
+/// Why and from where a message was dead-lettered; kept with the message in the
+/// dead-letter queue and shown to its consumers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    pub source_queue: String,
+    /// "" for work queues.
+    pub subscription: String,
+    pub reason: DeadLetterReason,
+    /// Delivery attempts that failed before it was dead-lettered.
+    pub attempts: u32,
+    /// The GUID the message had in its source queue.
+    pub original_guid: Guid,
+}
+
+impl DeadLetterInfo {
+    fn encoded_len(&self) -> usize {
+        1 + 4 + 16 + 2 + self.source_queue.len() + 2 + self.subscription.len()
+    }
 }
 
 /// Why a Settle command settles messages without a CONFIRM.
@@ -156,7 +188,7 @@ fn put_payload_offsets(messages: &[PutMessage]) -> Vec<u32> {
     for m in messages {
         pos += PUT_FIXED_BYTES + m.key.len();
         out.push(pos as u32);
-        pos += m.payload.len();
+        pos += m.payload.len() + m.dead_letter.as_ref().map_or(0, |d| d.encoded_len());
     }
     out
 }
@@ -183,7 +215,17 @@ impl Command {
     pub fn encode_put(now_ms: u64, messages: &[PutMessage]) -> Bytes {
         let len = HEADER_BYTES + put_body_len(messages);
         let mut b = BytesMut::with_capacity(len);
-        put_header(&mut b, TAG_PUT, now_ms);
+        let dead_letters = messages.iter().filter(|m| m.dead_letter.is_some()).count();
+        assert!(
+            dead_letters == 0 || dead_letters == messages.len(),
+            "a Put carries dead letters only or none"
+        );
+        let tag = if dead_letters > 0 {
+            TAG_PUT_DEAD_LETTERS
+        } else {
+            TAG_PUT
+        };
+        put_header(&mut b, tag, now_ms);
         put_messages(&mut b, messages);
         debug_assert_eq!(b.len(), len);
         b.freeze()
@@ -289,7 +331,8 @@ impl Command {
         let now_ms = r.u64()?;
         let mut payload_offsets = Vec::new();
         let command = match tag {
-            TAG_PUT => decode_put(&mut r, now_ms, &mut payload_offsets)?,
+            TAG_PUT => decode_put(&mut r, now_ms, &mut payload_offsets, false)?,
+            TAG_PUT_DEAD_LETTERS => decode_put(&mut r, now_ms, &mut payload_offsets, true)?,
             TAG_CONFIRM => Command::Confirm {
                 now_ms,
                 subscription: r.name()?,
@@ -349,6 +392,7 @@ fn decode_put(
     r: &mut Reader<'_>,
     now_ms: u64,
     payload_offsets: &mut Vec<u32>,
+    dead_letters: bool,
 ) -> Result<Command, CommandError> {
     let count = r.count(PUT_FIXED_BYTES)?;
     let mut messages = Vec::with_capacity(count);
@@ -362,20 +406,61 @@ fn decode_put(
         // An entry's data is far below 4 GiB, so the offset fits a u32.
         payload_offsets.push(u32::try_from(r.pos).map_err(|_| CommandError::Truncated)?);
         let payload = r.bytes(len)?;
+        let dead_letter = if dead_letters {
+            Some(Arc::new(read_dead_letter(r)?))
+        } else {
+            None
+        };
         messages.push(PutMessage {
             guid,
             ttl_ms,
             key,
             payload,
+            dead_letter,
         });
     }
     Ok(Command::Put { now_ms, messages })
 }
 
+pub(crate) fn read_dead_letter(r: &mut Reader<'_>) -> Result<DeadLetterInfo, CommandError> {
+    let reason = match r.u8()? {
+        1 => DeadLetterReason::MaxAttempts,
+        2 => DeadLetterReason::Expired,
+        other => return Err(CommandError::UnknownReason(other)),
+    };
+    let attempts = r.u32()?;
+    let original_guid = r.guid()?;
+    let source_queue = r.name()?;
+    let subscription = r.name()?;
+    Ok(DeadLetterInfo {
+        source_queue,
+        subscription,
+        reason,
+        attempts,
+        original_guid,
+    })
+}
+
+pub(crate) fn put_dead_letter(b: &mut BytesMut, d: &DeadLetterInfo) {
+    b.put_u8(match d.reason {
+        DeadLetterReason::MaxAttempts => 1,
+        DeadLetterReason::Expired => 2,
+    });
+    b.put_u32(d.attempts);
+    b.put_slice(&d.original_guid);
+    put_name(b, &d.source_queue);
+    put_name(b, &d.subscription);
+}
+
 fn put_body_len(messages: &[PutMessage]) -> usize {
     4 + messages
         .iter()
-        .map(|m| PUT_FIXED_BYTES + m.key.len() + m.payload.len())
+        .map(|m| {
+            PUT_FIXED_BYTES
+                + m.key.len()
+                + m.payload.len()
+                + m.dead_letter.as_ref().map_or(0, |d| d.encoded_len())
+        })
         .sum::<usize>()
 }
 
@@ -404,6 +489,9 @@ fn put_messages(b: &mut BytesMut, messages: &[PutMessage]) {
         b.put_slice(&m.key);
         b.put_u32(m.payload.len() as u32);
         b.put_slice(&m.payload);
+        if let Some(d) = &m.dead_letter {
+            put_dead_letter(b, d);
+        }
     }
 }
 
@@ -542,14 +630,32 @@ mod tests {
                         ttl_ms: 7,
                         key: Bytes::from_static(b"k"),
                         payload: Bytes::from_static(b"hello"),
+                        dead_letter: None,
                     },
                     PutMessage {
                         guid: guid(2),
                         ttl_ms: 0,
                         key: Bytes::new(),
                         payload: Bytes::new(),
+                        dead_letter: None,
                     },
                 ],
+            },
+            Command::Put {
+                now_ms: 11,
+                messages: vec![PutMessage {
+                    guid: guid(9),
+                    ttl_ms: 0,
+                    key: Bytes::from_static(b"key"),
+                    payload: Bytes::from_static(b"poison"),
+                    dead_letter: Some(Arc::new(DeadLetterInfo {
+                        source_queue: "orders".into(),
+                        subscription: "billing".into(),
+                        reason: DeadLetterReason::MaxAttempts,
+                        attempts: 5,
+                        original_guid: guid(8),
+                    })),
+                }],
             },
             Command::Confirm {
                 now_ms: 6,

@@ -25,8 +25,8 @@ mod outcome;
 mod state;
 
 pub use command::{
-    Command, CommandError, DecodedCommand, PutMessage, SettleReason, COMMAND_FORMAT_VERSION,
-    MAX_KEY_BYTES, MAX_SUBSCRIPTION_BYTES,
+    Command, CommandError, DeadLetterInfo, DecodedCommand, PutMessage, SettleReason,
+    COMMAND_FORMAT_VERSION, MAX_KEY_BYTES, MAX_SUBSCRIPTION_BYTES,
 };
 pub use dispatch::{ConsumerId, Delivery, DispatchError, Dispatcher, FlowLimits};
 pub use state::{

@@ -17,6 +17,8 @@ pub struct MessageMeta {
     pub enqueued_ms: u64,
     pub expires_ms: Option<u64>,
     pub key: Bytes,
+    /// Set for messages in a dead-letter queue: where and why they came from.
+    pub dead_letter: Option<std::sync::Arc<crate::command::DeadLetterInfo>>,
 }
 
 /// The first outcome of a GUID, returned again to any retry within the dedup window.

@@ -379,6 +379,7 @@ impl PartitionState {
             enqueued_ms: self.now_ms,
             expires_ms: (ttl_ms > 0).then(|| self.now_ms.saturating_add(ttl_ms)),
             key: m.key.clone(),
+            dead_letter: m.dead_letter.clone(),
         };
         for sub in self.subscriptions.values_mut() {
             debug_assert!(sub.start_seq <= seq);

@@ -234,6 +234,25 @@ fn snapshot_restore_round_trips_and_rejects_garbage() {
         now_ms: 1,
         messages: vec![msg(1, 3, 0), msg(2, 4, 500)],
     });
+    let mut dead = msg(3, 5, 0);
+    let info = std::sync::Arc::new(DeadLetterInfo {
+        source_queue: "orders".into(),
+        subscription: String::new(),
+        reason: DeadLetterReason::MaxAttempts,
+        attempts: 4,
+        original_guid: guid(77),
+    });
+    dead.dead_letter = Some(info.clone());
+    r.apply(&Command::Put {
+        now_ms: 1,
+        messages: vec![dead],
+    });
+    assert_eq!(
+        r.state
+            .message(&guid(3))
+            .and_then(|m| m.dead_letter.clone()),
+        Some(info.clone())
+    );
     r.apply(&confirm(2, "", &[1]));
     r.apply(&Command::Attempts {
         now_ms: 3,
@@ -244,6 +263,12 @@ fn snapshot_restore_round_trips_and_rejects_garbage() {
     let restored = PartitionState::restore(&snap).expect("restore");
     assert_eq!(restored, r.state);
     assert_eq!(restored.snapshot(), snap);
+    assert_eq!(
+        restored
+            .message(&guid(3))
+            .and_then(|m| m.dead_letter.clone()),
+        Some(info)
+    );
     for cut in 0..snap.len() {
         assert!(PartitionState::restore(&snap.slice(..cut)).is_err());
     }

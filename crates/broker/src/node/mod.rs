@@ -156,6 +156,8 @@ const MAX_VISIBILITY_TIMEOUT_MS: u64 = 12 * 3600 * 1000;
 const MAX_CMDS_PER_ROUND: usize = 4096;
 /// Most Ready passes per round before going back to the channel.
 const MAX_READY_PASSES: usize = 4;
+/// Connection id of the node itself (dead-letter PUTs); client connections start at 1.
+const INTERNAL_CONN_ID: ConnId = 0;
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -191,6 +193,21 @@ struct Consumer {
     limits: FlowLimits,
 }
 
+/// An admin subscribe/unsubscribe in progress: answered when every partition applied it.
+struct SubscriptionOpWait {
+    remaining: usize,
+    all_ok: bool,
+    what: String,
+    reply: oneshot::Sender<Result<AdminReply, Rejection>>,
+}
+
+/// A dead letter on its way to a dead-letter queue: where to settle it once ACKed.
+struct DeadLetterWait {
+    source_gid: u64,
+    subscription: String,
+    original_guid: tern_proto::Guid,
+}
+
 /// A purge in progress: the reply goes out when every partition applied it.
 struct PurgeWait {
     remaining: usize,
@@ -209,6 +226,12 @@ pub(crate) struct Node {
     next_consumer_id: ConsumerId,
     purges: HashMap<u64, PurgeWait>,
     next_purge_id: u64,
+    subscription_ops: HashMap<u64, SubscriptionOpWait>,
+    /// Dead letters PUT to dead-letter queues, by their GUID there.
+    dead_letter_waits: HashMap<tern_proto::Guid, DeadLetterWait>,
+    /// The node's own "connection" for dead-letter PUTs: their ACKs come back here.
+    internal_tx: ConnTx,
+    internal_rx: flume::Receiver<Frame>,
     /// Payload bytes accepted and not yet answered, over all partitions.
     pending_put_bytes: u64,
     ready: Arc<AtomicBool>,
@@ -231,6 +254,8 @@ impl Node {
         };
         meta_group.campaign_if_sole_voter()?;
         let disk = DiskGuard::new(cfg.data_dir.clone(), cfg.min_free_disk_bytes);
+        // Bounded by construction: at most MAX_DEAD_LETTERS_IN_FLIGHT ACKs per partition.
+        let (internal, internal_rx) = flume::unbounded();
         let mut node = Node {
             cfg,
             metrics,
@@ -242,6 +267,13 @@ impl Node {
             next_consumer_id: 1,
             purges: HashMap::new(),
             next_purge_id: 1,
+            subscription_ops: HashMap::new(),
+            dead_letter_waits: HashMap::new(),
+            internal_tx: ConnTx {
+                id: INTERNAL_CONN_ID,
+                tx: internal,
+            },
+            internal_rx,
             pending_put_bytes: 0,
             ready: Arc::new(AtomicBool::new(false)),
             disk,
@@ -282,6 +314,7 @@ impl Node {
                 next_tick = Instant::now() + tick;
             }
             busy = self.process_readies()?;
+            self.process_dead_letters()?;
             self.dispatch_all();
             self.maybe_snapshot()?;
             self.update_ready_flag();
@@ -347,7 +380,8 @@ impl Node {
             if self.partitions.contains_key(&gid) {
                 continue;
             }
-            let gcfg = group_config(&self.cfg, gid, true);
+            let durable = def.spec.storage.as_deref() != Some("memory");
+            let gcfg = group_config(&self.cfg, gid, durable);
             let config = config_from_spec(&def.spec);
             let part = Partition::open(queue.clone(), p, &gcfg, config.clone())?;
             self.partitions.insert(gid, part);
@@ -378,13 +412,6 @@ impl Node {
             let _ = reply.send(Err(Rejection::new(Status::InvalidArgument, e)));
             return;
         }
-        if !subscription.is_empty() {
-            let _ = reply.send(Err(Rejection::new(
-                Status::InvalidArgument,
-                "subscriptions apply to fanout queues, which this build does not support yet",
-            )));
-            return;
-        }
         let Some(def) = self.meta.queue(&queue).cloned() else {
             if !self.cfg.auto_create_queues {
                 let _ = reply.send(Err(Rejection::new(
@@ -393,7 +420,7 @@ impl Node {
                 )));
                 return;
             }
-            let spec = match self.effective_spec(&QueueSpec::default()) {
+            let spec = match self.effective_spec(&queue, &QueueSpec::default()) {
                 Ok(s) => s,
                 Err(r) => {
                     let _ = reply.send(Err(r));
@@ -417,13 +444,20 @@ impl Node {
             self.propose_meta(cmd, waiter);
             return;
         };
+        if consumer.is_some() {
+            if let Err(e) = check_subscription(&def, &subscription) {
+                let _ = reply.send(Err(Rejection::new(Status::InvalidArgument, e)));
+                return;
+            }
+        }
         // OpenQueueOk goes out on the connection's channel before the first PUSH can.
         conn.send(Frame::OpenQueueOk {
             req_id,
             queue_id: handle_id,
             partitions: def.partitions,
         });
-        let consumer_id = consumer.map(|limits| self.add_consumer(conn, handle_id, &def, limits));
+        let consumer_id =
+            consumer.map(|limits| self.add_consumer(conn, handle_id, &def, &subscription, limits));
         let _ = reply.send(Ok(Opened {
             partitions: def.partitions,
             consumer: consumer_id,
@@ -435,6 +469,7 @@ impl Node {
         conn: ConnTx,
         handle_id: u32,
         def: &QueueDef,
+        subscription: &str,
         limits: FlowLimits,
     ) -> ConsumerId {
         let id = self.next_consumer_id;
@@ -442,7 +477,7 @@ impl Node {
         let queue: Arc<str> = Arc::from(def.name.as_str());
         for (_, gid) in def.group_ids() {
             if let Some(p) = self.partitions.get_mut(&gid) {
-                p.add_consumer(id, limits);
+                p.add_consumer(id, subscription, limits);
             }
         }
         self.consumers.insert(
@@ -509,16 +544,37 @@ impl Node {
             reject_puts(&conn, &messages, status);
             return;
         }
+        let messages = messages
+            .into_iter()
+            .map(|m| tern_queue::PutMessage {
+                guid: m.guid,
+                ttl_ms: m.ttl_ms,
+                key: m.key,
+                payload: m.payload,
+                dead_letter: None,
+            })
+            .collect();
+        self.route_puts(conn, &gids, messages, received);
+    }
+
+    /// Hands PUTs to their partitions. A message's key picks its partition, so order is
+    /// kept per key; keyless messages are spread.
+    fn route_puts(
+        &mut self,
+        conn: ConnTx,
+        gids: &[u64],
+        messages: Vec<tern_queue::PutMessage>,
+        received: Instant,
+    ) {
         let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
         self.pending_put_bytes += bytes;
-        // Route by key: a message's key picks its partition, so order is kept per key.
         if gids.len() == 1 {
             if let Some(p) = self.partitions.get_mut(&gids[0]) {
                 p.enqueue_puts(conn, messages, received);
             }
             return;
         }
-        let mut by_partition: BTreeMap<usize, Vec<PutMessage>> = BTreeMap::new();
+        let mut by_partition: BTreeMap<usize, Vec<tern_queue::PutMessage>> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
             let p = if m.key.is_empty() {
                 (conn.id as usize + i) % gids.len()
@@ -530,6 +586,77 @@ impl Node {
         for (p, msgs) in by_partition {
             if let Some(part) = self.partitions.get_mut(&gids[p]) {
                 part.enqueue_puts(conn.clone(), msgs, received);
+            }
+        }
+    }
+
+    // ----- dead letters ----------------------------------------------------------
+
+    /// Moves due dead letters to their dead-letter queues (a PUT from the node itself),
+    /// and settles in the source partition those whose PUT was ACKed.
+    fn process_dead_letters(&mut self) -> Result<(), NodeError> {
+        self.take_internal_acks();
+        let now = now_ms();
+        let due: Vec<u64> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| p.has_dead_letters_due())
+            .map(|(gid, _)| *gid)
+            .collect();
+        for gid in due {
+            let Some(part) = self.partitions.get(&gid) else {
+                continue;
+            };
+            let dlq = self
+                .meta
+                .queue(&part.queue)
+                .and_then(|d| d.spec.dead_letter_queue.clone());
+            let target = dlq.as_deref().and_then(|q| self.queue_partition_ids(q));
+            if dlq.is_some() && target.is_none() {
+                continue; // the dead-letter queue is gone: keep them due (visible in stats)
+            }
+            let Some(part) = self.partitions.get_mut(&gid) else {
+                continue;
+            };
+            let outs = part.take_dead_letters(now, dlq.as_deref())?;
+            let (Some(target), false) = (target, outs.is_empty()) else {
+                continue;
+            };
+            let mut messages = Vec::with_capacity(outs.len());
+            for out in outs {
+                self.dead_letter_waits.insert(
+                    out.message.guid,
+                    DeadLetterWait {
+                        source_gid: gid,
+                        subscription: out.subscription,
+                        original_guid: out.guid,
+                    },
+                );
+                messages.push(out.message);
+            }
+            let conn = self.internal_tx.clone();
+            self.route_puts(conn, &target, messages, Instant::now());
+        }
+        Ok(())
+    }
+
+    fn take_internal_acks(&mut self) {
+        let now = now_ms();
+        while let Ok(frame) = self.internal_rx.try_recv() {
+            let Frame::Ack { acks } = frame else {
+                continue;
+            };
+            for ack in acks {
+                let Some(w) = self.dead_letter_waits.remove(&ack.guid) else {
+                    continue;
+                };
+                let written = ack.status == Status::Ok;
+                if !written {
+                    tracing::warn!(status = %ack.status.name(), "dead-letter queue refused a dead letter; retrying");
+                }
+                if let Some(p) = self.partitions.get_mut(&w.source_gid) {
+                    p.dead_letter_done(w.subscription, w.original_guid, written, now);
+                }
             }
         }
     }
@@ -678,6 +805,9 @@ impl Node {
         self.pending_put_bytes = self.pending_put_bytes.saturating_sub(result.answered_bytes);
         for (purge_id, removed) in result.purged {
             self.finish_purge(purge_id, removed);
+        }
+        for (op_id, ok) in result.subscription_ops {
+            self.finish_subscription_op(op_id, ok);
         }
         Ok(true)
     }
@@ -862,7 +992,7 @@ impl Node {
                     let _ = reply.send(Err(Rejection::new(Status::InvalidArgument, e)));
                     return;
                 }
-                match self.effective_spec(&spec) {
+                match self.effective_spec(&name, &spec) {
                     Ok(spec) => {
                         if let Some(def) = self.meta.queue(&name) {
                             let result = if def.spec == spec {
@@ -889,6 +1019,20 @@ impl Node {
                 }
             }
             AdminRequest::DeleteQueue { name } => {
+                if let Some(user) = self
+                    .meta
+                    .queues()
+                    .find(|d| d.name != name && d.spec.dead_letter_queue.as_deref() == Some(&name))
+                {
+                    let _ = reply.send(Err(Rejection::new(
+                        Status::InvalidArgument,
+                        format!(
+                            "queue {name:?} is the dead-letter queue of {:?}; delete that queue first",
+                            user.name
+                        ),
+                    )));
+                    return;
+                }
                 if self.meta.queue(&name).is_none() {
                     let _ = reply.send(Err(Rejection::new(
                         Status::UnknownQueue,
@@ -899,6 +1043,12 @@ impl Node {
                 self.propose_meta(MetaCommand::DeleteQueue { name }, MetaWaiter::Admin(reply));
             }
             AdminRequest::PurgeQueue { name } => self.start_purge(&name, reply),
+            AdminRequest::CreateSubscription { queue, name } => {
+                self.start_subscription_op(&queue, &name, true, reply)
+            }
+            AdminRequest::DeleteSubscription { queue, name } => {
+                self.start_subscription_op(&queue, &name, false, reply)
+            }
             AdminRequest::ListQueues => {
                 let defs: Vec<QueueDef> = self.meta.queues().cloned().collect();
                 let queues = defs.iter().map(|d| self.queue_info(d)).collect();
@@ -955,6 +1105,76 @@ impl Node {
         );
     }
 
+    fn start_subscription_op(
+        &mut self,
+        queue: &str,
+        name: &str,
+        create: bool,
+        reply: oneshot::Sender<Result<AdminReply, Rejection>>,
+    ) {
+        let Some(def) = self.meta.queue(queue).cloned() else {
+            let _ = reply.send(Err(Rejection::new(
+                Status::UnknownQueue,
+                format!("no queue named {queue:?}"),
+            )));
+            return;
+        };
+        if let Err(e) = check_subscription(&def, name) {
+            let _ = reply.send(Err(Rejection::new(Status::InvalidArgument, e)));
+            return;
+        }
+        let id = self.next_purge_id;
+        self.next_purge_id += 1;
+        let gids: Vec<u64> = def.group_ids().map(|(_, g)| g).collect();
+        let mut proposed = 0;
+        for gid in &gids {
+            if let Some(p) = self.partitions.get_mut(gid) {
+                if p.propose_subscription_op(id, name, create).is_ok() {
+                    proposed += 1;
+                }
+            }
+        }
+        if proposed < gids.len() {
+            let _ = reply.send(Err(Rejection::new(
+                Status::Unavailable,
+                "a partition has no leader; retry",
+            )));
+            return;
+        }
+        let what = if create {
+            format!("cannot create subscription {name:?} of {queue:?} (limit of subscriptions reached?)")
+        } else {
+            format!("queue {queue:?} has no subscription {name:?}")
+        };
+        self.subscription_ops.insert(
+            id,
+            SubscriptionOpWait {
+                remaining: proposed,
+                all_ok: true,
+                what,
+                reply,
+            },
+        );
+    }
+
+    fn finish_subscription_op(&mut self, id: u64, ok: bool) {
+        let Some(w) = self.subscription_ops.get_mut(&id) else {
+            return;
+        };
+        w.remaining -= 1;
+        w.all_ok &= ok;
+        if w.remaining == 0 {
+            if let Some(w) = self.subscription_ops.remove(&id) {
+                let result = if w.all_ok {
+                    Ok(AdminReply::Done { done: true })
+                } else {
+                    Err(Rejection::new(Status::InvalidArgument, w.what))
+                };
+                let _ = w.reply.send(result);
+            }
+        }
+    }
+
     fn finish_purge(&mut self, id: u64, removed: u64) {
         let Some(w) = self.purges.get_mut(&id) else {
             return;
@@ -969,19 +1189,17 @@ impl Node {
     }
 
     /// Resolves every unset field of a queue spec to the server default and checks ranges.
-    fn effective_spec(&self, spec: &QueueSpec) -> Result<QueueSpec, Rejection> {
+    fn effective_spec(&self, name: &str, spec: &QueueSpec) -> Result<QueueSpec, Rejection> {
         let d = &self.cfg.queue_defaults;
         let invalid = |m: String| Err(Rejection::new(Status::InvalidArgument, m));
         let mode = spec.mode.clone().unwrap_or_else(|| "work".into());
-        if mode != "work" {
-            return invalid(format!(
-                "mode {mode:?} is not supported by this build (supported: work)"
-            ));
+        if mode != "work" && mode != "fanout" {
+            return invalid(format!("mode must be work or fanout, got {mode:?}"));
         }
         let storage = spec.storage.clone().unwrap_or_else(|| "durable".into());
-        if storage != "durable" {
+        if storage != "durable" && storage != "memory" {
             return invalid(format!(
-                "storage {storage:?} is not supported by this build (supported: durable)"
+                "storage must be durable or memory, got {storage:?}"
             ));
         }
         let partitions = spec.partitions.unwrap_or(d.partitions);
@@ -995,17 +1213,13 @@ impl Node {
                 "max_message_bytes must be in 1..={frame_room}, got {max_message_bytes}"
             ));
         }
-        for (name, v) in [
-            (
-                "max_delivery_attempts",
-                spec.max_delivery_attempts.map(u64::from),
-            ),
-            ("retention_max_age_ms", spec.retention_max_age_ms),
-            ("retention_max_bytes", spec.retention_max_bytes),
-        ] {
-            if v.is_some() {
-                return invalid(format!("{name} is not supported by this build yet"));
-            }
+        if mode != "fanout"
+            && (spec.retention_max_age_ms.is_some() || spec.retention_max_bytes.is_some())
+        {
+            return invalid(
+                "retention limits apply to fanout queues (a work queue has max_messages/max_bytes)"
+                    .into(),
+            );
         }
         // 0 = off: a delivery stays with its consumer until confirmed or the consumer leaves.
         let visibility_timeout_ms = spec.visibility_timeout_ms.unwrap_or(0);
@@ -1021,9 +1235,12 @@ impl Node {
                 "default_ttl_ms ({default_ttl_ms}) is above max_ttl_ms ({max_ttl_ms})"
             ));
         }
-        if spec.dead_letter_queue.is_some() {
-            return invalid("dead_letter_queue is not supported by this build yet".into());
+        self.check_dead_letter_queue(name, spec)?;
+        let dead_letter_expired = spec.dead_letter_expired.unwrap_or(false);
+        if dead_letter_expired && spec.dead_letter_queue.is_none() {
+            return invalid("dead_letter_expired needs a dead_letter_queue".into());
         }
+        let retention = mode == "fanout";
         Ok(QueueSpec {
             mode: Some(mode),
             storage: Some(storage),
@@ -1035,8 +1252,37 @@ impl Node {
             visibility_timeout_ms: Some(visibility_timeout_ms),
             default_ttl_ms: Some(default_ttl_ms),
             max_ttl_ms: Some(max_ttl_ms),
-            ..QueueSpec::default()
+            max_delivery_attempts: Some(spec.max_delivery_attempts.unwrap_or(0)),
+            dead_letter_queue: spec.dead_letter_queue.clone(),
+            dead_letter_expired: Some(dead_letter_expired),
+            retention_max_age_ms: retention.then(|| spec.retention_max_age_ms.unwrap_or(0)),
+            retention_max_bytes: retention.then(|| spec.retention_max_bytes.unwrap_or(0)),
         })
+    }
+
+    /// A dead-letter queue must exist, differ from the queue and not send its own dead
+    /// letters back (a loop of two would bounce poison messages forever).
+    fn check_dead_letter_queue(&self, name: &str, spec: &QueueSpec) -> Result<(), Rejection> {
+        let Some(dlq) = spec.dead_letter_queue.as_deref() else {
+            return Ok(());
+        };
+        let invalid = |m: String| Err(Rejection::new(Status::InvalidArgument, m));
+        if dlq == name {
+            return invalid(format!(
+                "queue {name:?} cannot be its own dead-letter queue"
+            ));
+        }
+        let Some(def) = self.meta.queue(dlq) else {
+            return invalid(format!(
+                "dead-letter queue {dlq:?} does not exist; create it first"
+            ));
+        };
+        if def.spec.dead_letter_queue.as_deref() == Some(name) {
+            return invalid(format!(
+                "{dlq:?} sends its dead letters to {name:?}: a loop"
+            ));
+        }
+        Ok(())
     }
 
     fn queue_info(&self, def: &QueueDef) -> QueueInfo {
@@ -1107,6 +1353,24 @@ impl Node {
 fn queue_labels(queue: &str) -> crate::metrics::QueueLabels {
     crate::metrics::QueueLabels {
         queue: queue.to_string(),
+    }
+}
+
+/// A consumer of a work queue has no subscription; one of a fan-out queue names one.
+fn check_subscription(def: &QueueDef, subscription: &str) -> Result<(), String> {
+    let fanout = def.spec.mode.as_deref() == Some("fanout");
+    match (fanout, subscription.is_empty()) {
+        (false, false) => Err(format!(
+            "queue {:?} is a work queue; subscriptions apply to fanout queues",
+            def.name
+        )),
+        (true, true) => Err(format!(
+            "queue {:?} is a fanout queue: name a subscription (--subscription NAME)",
+            def.name
+        )),
+        (true, false) => meta::validate_queue_name(subscription)
+            .map_err(|e| e.replace("queue name", "subscription name")),
+        (false, true) => Ok(()),
     }
 }
 

@@ -7,16 +7,17 @@
 //! the state machine and sends each producer its ACK → `dispatch` PUSHes it.
 
 use super::{now_ms, ConnTx};
-use crate::metrics::{Metrics, PartitionLabels, QueueLabels, StatusLabels};
+use crate::metrics::{Metrics, PartitionLabels, QueueLabels, StatusLabels, SubscriptionLabels};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_proto::admin::{PartitionInfo, QueueSpec};
+use tern_proto::admin::{PartitionInfo, QueueSpec, SubscriptionInfo};
 use tern_proto::{AckEntry, ConfirmAckEntry, Frame, Guid, PushMessage, Status, ACK_DURABLE};
 use tern_queue::{
-    Applied, Command, ConfirmOutcome, ConsumerId, Delivery, Dispatcher, FlowLimits, Outcome,
-    PartitionState, PutOutcome, QueueConfig,
+    Applied, Command, ConfirmOutcome, ConsumerId, DeadLetterDue, DeadLetterInfo, Dispatcher,
+    FlowLimits, Location, Outcome, PartitionState, PutOutcome, QueueConfig, QueueMode,
+    SettleReason, SubscribeOutcome,
 };
 use tern_replication::{Group, GroupConfig, ReadyOutput, ReplicationError};
 
@@ -41,7 +42,26 @@ pub fn config_from_spec(spec: &QueueSpec) -> QueueConfig {
     config.default_ttl_ms = spec.default_ttl_ms.unwrap_or(0);
     config.max_ttl_ms = spec.max_ttl_ms.unwrap_or(0);
     config.visibility_timeout_ms = spec.visibility_timeout_ms.unwrap_or(0);
+    config.max_delivery_attempts = spec.max_delivery_attempts.unwrap_or(0);
+    config.dead_letter_expired = spec.dead_letter_expired.unwrap_or(false);
+    config.retention_max_age_ms = spec.retention_max_age_ms.unwrap_or(0);
+    config.retention_max_bytes = spec.retention_max_bytes.unwrap_or(0);
+    if spec.mode.as_deref() == Some("fanout") {
+        config.mode = QueueMode::Fanout;
+    }
     config
+}
+
+/// Most dead letters one partition has on their way to its dead-letter queue at once.
+const MAX_DEAD_LETTERS_IN_FLIGHT: usize = 1024;
+/// A dead letter whose write failed (dead-letter queue full, no leader) is retried after this.
+const DEAD_LETTER_RETRY_MS: u64 = 1000;
+
+/// A message to write to the dead-letter queue, then settle here.
+pub struct DeadLetterOut {
+    pub subscription: String,
+    pub guid: Guid,
+    pub message: tern_queue::PutMessage,
 }
 
 /// A run of consecutive messages in a batch that came from one connection.
@@ -84,6 +104,12 @@ enum PendingKind {
     },
     /// A time-only command, proposed so TTL expiry happens without traffic.
     Tick,
+    /// Attempts, Settle, Subscribe, Unsubscribe: nobody waits for the answer.
+    Internal,
+    /// An admin subscribe/unsubscribe: the node answers when every partition applied it.
+    SubscriptionOp {
+        id: u64,
+    },
 }
 
 struct Pending {
@@ -98,6 +124,8 @@ pub struct ApplyResult {
     pub answered_bytes: u64,
     /// Purges that completed: (purge id, messages removed).
     pub purged: Vec<(u64, u64)>,
+    /// Admin subscription operations that completed here: (op id, ok).
+    pub subscription_ops: Vec<(u64, bool)>,
 }
 
 pub struct Partition {
@@ -105,9 +133,21 @@ pub struct Partition {
     pub index: u16,
     pub group: Group,
     state: PartitionState,
-    dispatcher: Dispatcher,
+    /// Leader-local, one per subscription ("" for a work queue).
+    dispatchers: BTreeMap<String, Dispatcher>,
+    /// Consumers attached here: their subscription and flow limits.
+    consumers: HashMap<ConsumerId, (String, FlowLimits)>,
     batch: PutBatch,
-    confirms: ConfirmBatch,
+    /// CONFIRMs of the round, per subscription.
+    confirms: BTreeMap<String, ConfirmBatch>,
+    /// Dead letters written to the dead-letter queue, to settle here, per subscription.
+    settles: BTreeMap<String, Vec<Guid>>,
+    /// Leader-local: dead letters to write (with the time they may be tried again).
+    dead_letters_due: VecDeque<(DeadLetterDue, u64)>,
+    /// Leader-local: dead letters on their way, by (subscription, GUID).
+    dead_letters_in_flight: HashSet<(String, Guid)>,
+    /// Durable queue: fsync before ACK, and ACKs carry `ACK_DURABLE`.
+    durable: bool,
     pending: BTreeMap<u64, Pending>,
     /// PUT batches waiting for a leader, with the time they were parked.
     parked: VecDeque<(PutBatch, Instant)>,
@@ -125,6 +165,11 @@ impl Partition {
         gcfg: &GroupConfig,
         config: QueueConfig,
     ) -> Result<Self, ReplicationError> {
+        if !gcfg.durable {
+            // A memory queue starts empty after a restart: what was written without
+            // fsync is not trusted (the log could end before its commit index).
+            remove_group_dir(&gcfg.dir)?;
+        }
         let (mut group, snapshot) = Group::open(gcfg)?;
         let state = match snapshot {
             Some(bytes) => {
@@ -141,62 +186,286 @@ impl Partition {
         };
         group.campaign_if_sole_voter()?;
         let log_bytes_at_snapshot = group.log_disk_bytes();
-        let mut dispatcher = Dispatcher::new();
-        dispatcher.rebuild(&state);
-        Ok(Partition {
+        let mut part = Partition {
             queue,
             index,
             group,
             state,
-            dispatcher,
+            dispatchers: BTreeMap::new(),
+            consumers: HashMap::new(),
             batch: PutBatch::default(),
-            confirms: ConfirmBatch::default(),
+            confirms: BTreeMap::new(),
+            settles: BTreeMap::new(),
+            dead_letters_due: VecDeque::new(),
+            dead_letters_in_flight: HashSet::new(),
+            durable: gcfg.durable,
             pending: BTreeMap::new(),
             parked: VecDeque::new(),
             log_bytes_at_snapshot,
             read_cache: None,
             dispatch_dirty: true,
-        })
+        };
+        part.rebuild_dispatchers();
+        Ok(part)
+    }
+
+    fn is_fanout(&self) -> bool {
+        self.state.config().mode == QueueMode::Fanout
+    }
+
+    /// After a leader change (or at open): a fresh dispatcher per subscription, every
+    /// unsettled message available again, and dead letters still due picked up.
+    fn rebuild_dispatchers(&mut self) {
+        let names: Vec<String> = self.state.subscriptions().map(str::to_owned).collect();
+        self.dispatchers.retain(|name, _| names.contains(name));
+        for name in names {
+            self.dispatcher_for(&name);
+        }
+        for d in self.dispatchers.values_mut() {
+            d.rebuild(&self.state);
+        }
+        self.dead_letters_in_flight.clear();
+        self.dead_letters_due = self
+            .state
+            .dead_letters_due()
+            .into_iter()
+            .map(|d| (d, 0))
+            .collect();
+        self.dispatch_dirty = true;
+    }
+
+    /// The dispatcher of `subscription`, created (with its attached consumers) if missing.
+    fn dispatcher_for(&mut self, subscription: &str) -> &mut Dispatcher {
+        if !self.dispatchers.contains_key(subscription) {
+            let mut d = if subscription.is_empty() {
+                Dispatcher::new()
+            } else {
+                Dispatcher::for_subscription(subscription)
+            };
+            for (id, (sub, limits)) in &self.consumers {
+                if sub == subscription {
+                    d.add_consumer(*id, *limits);
+                }
+            }
+            d.rebuild(&self.state);
+            self.dispatchers.insert(subscription.to_owned(), d);
+        }
+        self.dispatchers
+            .get_mut(subscription)
+            .expect("inserted above")
     }
 
     // ----- consumers -------------------------------------------------------------
 
-    pub fn add_consumer(&mut self, id: ConsumerId, limits: FlowLimits) {
-        self.dispatcher.add_consumer(id, limits);
+    /// Attaches a consumer to `subscription` ("" on a work queue). On a fan-out queue a
+    /// subscription that does not exist yet is created (proposed by the leader).
+    pub fn add_consumer(&mut self, id: ConsumerId, subscription: &str, limits: FlowLimits) {
+        self.consumers.insert(id, (subscription.to_owned(), limits));
+        if self.is_fanout()
+            && !self.state.subscriptions().any(|s| s == subscription)
+            && self.group.is_leader()
+        {
+            let cmd = Command::Subscribe {
+                now_ms: now_ms(),
+                name: subscription.to_owned(),
+            };
+            if let Err((_, e)) = self.propose_internal(cmd, PendingKind::Internal) {
+                tracing::warn!(queue = %self.queue, "subscribe proposal failed: {e}");
+            }
+        }
+        self.dispatcher_for(subscription).add_consumer(id, limits);
         self.dispatch_dirty = true;
     }
 
     pub fn remove_consumer(&mut self, id: ConsumerId) {
-        self.dispatcher.remove_consumer(id);
+        if let Some((sub, _)) = self.consumers.remove(&id) {
+            if let Some(d) = self.dispatchers.get_mut(&sub) {
+                d.remove_consumer(id);
+            }
+        }
         self.dispatch_dirty = true;
     }
 
     pub fn set_consumer_limits(&mut self, id: ConsumerId, limits: FlowLimits) {
-        self.dispatcher.set_limits(id, limits);
+        let Some((sub, l)) = self.consumers.get_mut(&id) else {
+            return;
+        };
+        *l = limits;
+        if let Some(d) = self.dispatchers.get_mut(sub.as_str()) {
+            d.set_limits(id, limits);
+        }
         self.dispatch_dirty = true;
+    }
+
+    fn consumer_dispatcher(&mut self, consumer: ConsumerId) -> Option<&mut Dispatcher> {
+        let (sub, _) = self.consumers.get(&consumer)?;
+        self.dispatchers.get_mut(sub.as_str())
     }
 
     /// NACK from the holder: redeliver now or after `delay_ms`. From anyone else: ignored.
     pub fn nack(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, delay_ms: u64) {
-        if self
-            .dispatcher
-            .nack(consumer, &guid, now_ms, delay_ms)
-            .is_ok()
-        {
+        let Some(d) = self.consumer_dispatcher(consumer) else {
+            return;
+        };
+        if d.nack(consumer, &guid, now_ms, delay_ms).is_ok() {
             self.dispatch_dirty = true;
         }
     }
 
     /// The holder is still working on it: push its visibility deadline out.
     pub fn extend(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, extra_ms: u64) {
-        let _ = self.dispatcher.extend(consumer, &guid, now_ms, extra_ms);
+        if let Some(d) = self.consumer_dispatcher(consumer) {
+            let _ = d.extend(consumer, &guid, now_ms, extra_ms);
+        }
+    }
+
+    /// Proposes an admin subscribe (`create`) or unsubscribe; answered in `ApplyResult`.
+    pub fn propose_subscription_op(
+        &mut self,
+        id: u64,
+        name: &str,
+        create: bool,
+    ) -> Result<(), ReplicationError> {
+        let now_ms = now_ms();
+        let name = name.to_owned();
+        let cmd = if create {
+            Command::Subscribe { now_ms, name }
+        } else {
+            Command::Unsubscribe { now_ms, name }
+        };
+        self.propose_internal(cmd, PendingKind::SubscriptionOp { id })
+            .map_err(|(_, e)| e)
+    }
+
+    fn propose_internal(
+        &mut self,
+        cmd: Command,
+        kind: PendingKind,
+    ) -> Result<(), (PendingKind, ReplicationError)> {
+        match self.group.propose(cmd.encode()) {
+            Ok((index, term)) => {
+                let previous = self.pending.insert(index, Pending { term, kind });
+                assert!(previous.is_none(), "two proposals at index {index}");
+                Ok(())
+            }
+            Err(e) => Err((kind, e)),
+        }
+    }
+
+    // ----- dead letters ----------------------------------------------------------
+
+    /// Leader: dead letters ready to write now (payload read from the log), at most
+    /// what the in-flight bound allows. `dead_letter_queue` None = discard them.
+    pub fn take_dead_letters(
+        &mut self,
+        now_ms: u64,
+        dead_letter_queue: Option<&str>,
+    ) -> Result<Vec<DeadLetterOut>, ReplicationError> {
+        let mut out = Vec::new();
+        if !self.group.is_leader() {
+            return Ok(out);
+        }
+        let mut later = VecDeque::new();
+        while let Some((due, not_before_ms)) = self.dead_letters_due.pop_front() {
+            if not_before_ms > now_ms
+                || self.dead_letters_in_flight.len() >= MAX_DEAD_LETTERS_IN_FLIGHT
+            {
+                later.push_back((due, not_before_ms));
+                continue;
+            }
+            let key = (due.subscription.clone(), due.guid);
+            if self.dead_letters_in_flight.contains(&key) {
+                continue;
+            }
+            let Some(meta) = self.state.message_by_seq(due.seq).cloned() else {
+                continue; // settled meanwhile (confirmed, purged)
+            };
+            if dead_letter_queue.is_none() {
+                // No dead-letter queue: the message is discarded, counted as dead-lettered.
+                self.settles
+                    .entry(due.subscription.clone())
+                    .or_default()
+                    .push(due.guid);
+                self.dead_letters_in_flight.insert(key);
+                continue;
+            }
+            let payload = self.payload_at(meta.location)?;
+            let message = tern_queue::PutMessage {
+                guid: dead_letter_guid(&due.guid, &due.subscription),
+                ttl_ms: 0,
+                key: meta.key.clone(),
+                payload,
+                dead_letter: Some(Arc::new(DeadLetterInfo {
+                    source_queue: self.queue.to_string(),
+                    subscription: due.subscription.clone(),
+                    reason: due.reason,
+                    attempts: due.attempts,
+                    original_guid: due.guid,
+                })),
+            };
+            self.dead_letters_in_flight.insert(key);
+            out.push(DeadLetterOut {
+                subscription: due.subscription,
+                guid: due.guid,
+                message,
+            });
+        }
+        self.dead_letters_due = later;
+        Ok(out)
+    }
+
+    /// The dead-letter queue ACKed (`written`) or refused a dead letter.
+    pub fn dead_letter_done(
+        &mut self,
+        subscription: String,
+        guid: Guid,
+        written: bool,
+        now_ms: u64,
+    ) {
+        let key = (subscription, guid);
+        if !self.dead_letters_in_flight.contains(&key) {
+            return; // leadership changed meanwhile: the new term starts over
+        }
+        if written {
+            self.settles.entry(key.0).or_default().push(key.1);
+            return;
+        }
+        self.dead_letters_in_flight.remove(&key);
+        if let Some(seq) = self.state.message(&key.1).map(|m| m.seq) {
+            let attempts = self.state.attempts(&key.0, seq);
+            let reason = self
+                .state
+                .dead_letters_due()
+                .into_iter()
+                .find(|d| d.guid == key.1 && d.subscription == key.0)
+                .map(|d| d.reason);
+            if let Some(reason) = reason {
+                self.dead_letters_due.push_back((
+                    DeadLetterDue {
+                        subscription: key.0,
+                        guid: key.1,
+                        seq,
+                        attempts,
+                        reason,
+                    },
+                    now_ms + DEAD_LETTER_RETRY_MS,
+                ));
+            }
+        }
+    }
+
+    pub fn has_dead_letters_due(&self) -> bool {
+        !self.dead_letters_due.is_empty()
     }
 
     /// Called every tick: a due visibility deadline or NACK delay makes delivery run.
     /// Called every tick by the leader: if a message's TTL has passed, propose a Tick so
     /// every replica removes it (time in the state machine comes only from the log).
     pub fn maybe_propose_tick(&mut self, now_ms: u64, metrics: &Metrics) {
-        let due = self.state.next_expiry_ms().is_some_and(|t| t <= now_ms);
+        let due = [self.state.next_expiry_ms(), self.state.next_retention_ms()]
+            .into_iter()
+            .flatten()
+            .any(|t| t <= now_ms);
         let pending = self
             .pending
             .values()
@@ -211,7 +480,11 @@ impl Partition {
     }
 
     pub fn check_timers(&mut self, now_ms: u64) {
-        if self.dispatcher.next_timer_ms().is_some_and(|t| t <= now_ms) {
+        if self
+            .dispatchers
+            .values()
+            .any(|d| d.next_timer_ms().is_some_and(|t| t <= now_ms))
+        {
             self.dispatch_dirty = true;
         }
     }
@@ -221,18 +494,13 @@ impl Partition {
     pub fn enqueue_puts(
         &mut self,
         conn: ConnTx,
-        messages: Vec<tern_proto::PutMessage>,
+        messages: Vec<tern_queue::PutMessage>,
         received: Instant,
     ) {
         let count = messages.len();
         for m in messages {
             self.batch.bytes += m.payload.len() as u64;
-            self.batch.msgs.push(tern_queue::PutMessage {
-                guid: m.guid,
-                ttl_ms: m.ttl_ms,
-                key: m.key,
-                payload: m.payload,
-            });
+            self.batch.msgs.push(m);
         }
         self.batch.origins.push(Origin {
             conn,
@@ -249,18 +517,27 @@ impl Partition {
         consumer: ConsumerId,
         guids: Vec<Guid>,
     ) -> Vec<Guid> {
+        let Some((sub, _)) = self.consumers.get(&consumer) else {
+            return guids;
+        };
+        let sub = sub.clone();
+        let Some(dispatcher) = self.dispatchers.get(&sub) else {
+            return guids;
+        };
         let mut rejected = Vec::new();
-        let mut count = 0;
+        let mut accepted = Vec::new();
         for g in guids {
-            if self.dispatcher.check_confirm(consumer, &g).is_ok() {
-                self.confirms.guids.push(g);
-                count += 1;
+            if dispatcher.check_confirm(consumer, &g).is_ok() {
+                accepted.push(g);
             } else {
                 rejected.push(g);
             }
         }
+        let count = accepted.len();
         if count > 0 {
-            self.confirms.origins.push(ConfirmOrigin {
+            let batch = self.confirms.entry(sub).or_default();
+            batch.guids.extend(accepted);
+            batch.origins.push(ConfirmOrigin {
                 conn: conn.clone(),
                 handle_id,
                 count,
@@ -276,8 +553,12 @@ impl Partition {
                 self.parked
                     .push_back((std::mem::take(&mut self.batch), Instant::now()));
             }
-            // CONFIRMs need the leader's dispatcher; a non-leader has none to check against.
-            self.confirms = ConfirmBatch::default();
+            // CONFIRMs need the leader's dispatcher; a non-leader has none to check
+            // against. The consumer's messages are redelivered by the new leader.
+            for (_, batch) in std::mem::take(&mut self.confirms) {
+                answer_confirms_failed(batch, Status::Unavailable);
+            }
+            self.settles.clear();
             return;
         }
         while let Some((batch, _)) = self.parked.pop_front() {
@@ -287,11 +568,10 @@ impl Partition {
         if !batch.msgs.is_empty() {
             self.propose_puts(batch, max_entry_bytes, metrics);
         }
-        let confirms = std::mem::take(&mut self.confirms);
-        if !confirms.guids.is_empty() {
+        for (subscription, confirms) in std::mem::take(&mut self.confirms) {
             let cmd = Command::Confirm {
                 now_ms: now_ms(),
-                subscription: String::new(),
+                subscription,
                 guids: confirms.guids.clone(),
             };
             if let Err((kind, e)) = self.propose(
@@ -303,6 +583,37 @@ impl Partition {
                 if let PendingKind::Confirms { batch } = kind {
                     answer_confirms_failed(batch, Status::Unavailable);
                 }
+            }
+        }
+        self.propose_housekeeping();
+    }
+
+    /// Replicated attempt counts and dead-letter settlements, batched per round.
+    fn propose_housekeeping(&mut self) {
+        let now_ms = now_ms();
+        let mut cmds = Vec::new();
+        for d in self.dispatchers.values_mut() {
+            if d.has_attempt_updates() {
+                cmds.push(Command::Attempts {
+                    now_ms,
+                    subscription: d.subscription().to_owned(),
+                    bumps: d.take_attempt_updates(),
+                });
+            }
+        }
+        for (subscription, guids) in std::mem::take(&mut self.settles) {
+            cmds.push(Command::Settle {
+                now_ms,
+                subscription,
+                guids,
+                reason: SettleReason::DeadLettered,
+            });
+        }
+        for cmd in cmds {
+            if let Err((_, e)) = self.propose_internal(cmd, PendingKind::Internal) {
+                // Lost attempt counts only delay dead-lettering; a new leader re-derives
+                // dead letters from the state.
+                tracing::warn!(queue = %self.queue, "housekeeping proposal failed: {e}");
             }
         }
     }
@@ -367,7 +678,7 @@ impl Partition {
             }
             if let Some((batch, _)) = self.parked.pop_front() {
                 released += batch.bytes;
-                answer_batch(&batch, |_| Status::Timeout);
+                answer_batch(&batch, false, |_| Status::Timeout);
             }
         }
         released
@@ -391,8 +702,7 @@ impl Partition {
                 }
             };
             if self.group.is_leader() {
-                self.dispatcher.on_applied(&self.state, &applied);
-                self.dispatch_dirty = true;
+                self.leader_applied(&applied);
             }
             if let Some(p) = self.pending.remove(&entry.index) {
                 if p.term == entry.term {
@@ -405,11 +715,43 @@ impl Partition {
         if let Some((role, _leader)) = out.role_change {
             if role == tern_replication::StateRole::Leader {
                 // A new leader treats every unsettled message as available (at-least-once).
-                self.dispatcher.rebuild(&self.state);
-                self.dispatch_dirty = true;
+                self.rebuild_dispatchers();
             }
         }
         result
+    }
+
+    /// Leader-local bookkeeping after one applied command.
+    fn leader_applied(&mut self, applied: &Applied) {
+        match &applied.outcome {
+            Outcome::Subscribe {
+                name,
+                outcome: SubscribeOutcome::Created,
+            } => {
+                self.dispatcher_for(name);
+            }
+            Outcome::Unsubscribe { name, .. } => {
+                self.dispatchers.remove(name);
+            }
+            Outcome::Settle {
+                subscription,
+                results,
+                ..
+            } => {
+                for (guid, _) in results {
+                    self.dead_letters_in_flight
+                        .remove(&(subscription.clone(), *guid));
+                }
+            }
+            _ => {}
+        }
+        for d in self.dispatchers.values_mut() {
+            d.on_applied(&self.state, applied);
+        }
+        for due in &applied.dead_letter_due {
+            self.dead_letters_due.push_back((due.clone(), 0));
+        }
+        self.dispatch_dirty = true;
     }
 
     fn answer(
@@ -431,7 +773,7 @@ impl Partition {
                         .observe(o.received.elapsed().as_secs_f64());
                 }
                 self.count_acks(&batch, &statuses, metrics);
-                answer_batch(&batch, |g| {
+                answer_batch(&batch, self.durable, |g| {
                     statuses.get(g).copied().unwrap_or(Status::Internal)
                 });
             }
@@ -471,6 +813,22 @@ impl Partition {
             (PendingKind::Purge { id }, Outcome::Purge { removed }) => {
                 result.purged.push((id, *removed))
             }
+            (PendingKind::SubscriptionOp { id }, Outcome::Subscribe { outcome, .. }) => {
+                result.subscription_ops.push((
+                    id,
+                    matches!(
+                        outcome,
+                        SubscribeOutcome::Created | SubscribeOutcome::AlreadyExists
+                    ),
+                ))
+            }
+            (PendingKind::SubscriptionOp { id }, Outcome::Unsubscribe { outcome, .. }) => {
+                result.subscription_ops.push((
+                    id,
+                    matches!(outcome, tern_queue::UnsubscribeOutcome::Removed { .. }),
+                ))
+            }
+            (PendingKind::Tick | PendingKind::Internal, _) => {}
             (kind, _) => {
                 // The entry at our index is a different command: our proposal was replaced.
                 tracing::error!(queue = %self.queue, "applied entry does not match its proposal");
@@ -486,7 +844,8 @@ impl Partition {
             PendingKind::Puts { batch } => self.parked.push_back((batch, Instant::now())),
             PendingKind::Confirms { batch } => answer_confirms_failed(batch, Status::Unavailable),
             PendingKind::Purge { id } => result.purged.push((id, 0)),
-            PendingKind::Tick => {}
+            PendingKind::SubscriptionOp { id } => result.subscription_ops.push((id, false)),
+            PendingKind::Tick | PendingKind::Internal => {}
         }
     }
 
@@ -519,20 +878,33 @@ impl Partition {
             return Ok(());
         }
         self.dispatch_dirty = false;
-        let deliveries = self
-            .dispatcher
-            .poll(&self.state, now_ms(), MAX_PUSH_PER_ROUND);
-        if deliveries.len() == MAX_PUSH_PER_ROUND {
-            self.dispatch_dirty = true; // more may be waiting: continue next round
+        let now_ms = now_ms();
+        let mut deliveries = Vec::new();
+        for d in self.dispatchers.values_mut() {
+            let budget = MAX_PUSH_PER_ROUND - deliveries.len();
+            let polled = d.poll(&self.state, now_ms, budget);
+            if polled.len() == budget {
+                self.dispatch_dirty = true; // more may be waiting: continue next round
+            }
+            deliveries.extend(polled);
+            if deliveries.len() == MAX_PUSH_PER_ROUND {
+                break;
+            }
         }
         let mut frames: BTreeMap<ConsumerId, Vec<PushMessage>> = BTreeMap::new();
         for d in deliveries {
-            let payload = self.payload(&d)?;
+            let payload = self.payload_at(d.location)?;
+            let dead_letter = self
+                .state
+                .message_by_seq(d.seq)
+                .and_then(|m| m.dead_letter.as_deref())
+                .map(proto_dead_letter);
             frames.entry(d.consumer).or_default().push(PushMessage {
                 guid: d.guid,
                 partition: self.index,
                 attempt: d.attempt,
                 payload,
+                dead_letter,
             });
         }
         for (consumer, messages) in frames {
@@ -551,16 +923,14 @@ impl Partition {
                 }
                 None => {
                     // The consumer left between poll and send: give its messages back.
-                    self.dispatcher.remove_consumer(consumer);
-                    self.dispatch_dirty = true;
+                    self.remove_consumer(consumer);
                 }
             }
         }
         Ok(())
     }
 
-    fn payload(&mut self, d: &Delivery) -> Result<Bytes, ReplicationError> {
-        let loc = d.location;
+    fn payload_at(&mut self, loc: Location) -> Result<Bytes, ReplicationError> {
         let data = match &self.read_cache {
             Some((index, data)) if *index == loc.index => data.clone(),
             _ => {
@@ -614,8 +984,8 @@ impl Partition {
             leader: (status.leader_id != 0).then_some(status.leader_id),
             depth: stats.depth,
             bytes: stats.bytes,
-            in_flight: self.dispatcher.inflight() as u64,
-            delayed: self.dispatcher.delayed() as u64,
+            in_flight: self.dispatchers.values().map(|d| d.inflight() as u64).sum(),
+            delayed: self.dispatchers.values().map(|d| d.delayed() as u64).sum(),
             oldest_age_ms: stats.oldest_enqueued_ms.map(|t| now_ms.saturating_sub(t)),
             commit_index: status.commit_index,
             applied_index: status.applied_index,
@@ -627,7 +997,41 @@ impl Partition {
             confirms: stats.confirms,
             purged: stats.purged,
             expired: stats.expired,
+            dead_lettered: stats.dead_lettered,
+            dead_letter_due: stats.dead_letter_due,
+            dropped: stats.dropped,
+            subscriptions: self.subscription_infos(now_ms),
         }
+    }
+
+    fn subscription_infos(&self, now_ms: u64) -> Vec<SubscriptionInfo> {
+        self.state
+            .subscriptions()
+            .filter_map(|name| {
+                let st = match self.dispatchers.get(name) {
+                    Some(d) if self.group.is_leader() => d.subscription_stats(&self.state),
+                    _ => self.state.subscription_stats(name),
+                }?;
+                Some(SubscriptionInfo {
+                    name: st.name,
+                    depth: st.depth,
+                    bytes: st.bytes,
+                    lag: st.lag,
+                    in_flight: st.in_flight,
+                    delayed: st.delayed,
+                    dead_letter_due: st.dead_letter_due,
+                    oldest_age_ms: st.oldest_enqueued_ms.map(|t| now_ms.saturating_sub(t)),
+                    consumers: self
+                        .dispatchers
+                        .get(name)
+                        .map_or(0, |d| d.consumer_count() as u64),
+                    confirmed: st.confirmed,
+                    dead_lettered: st.dead_lettered,
+                    expired: st.expired,
+                    dropped: st.dropped,
+                })
+            })
+            .collect()
     }
 
     /// PUT messages accepted here and not yet answered.
@@ -655,14 +1059,32 @@ impl Partition {
             .queue_bytes
             .get_or_create(&labels)
             .set(stats.bytes as i64);
+        let inflight: usize = self.dispatchers.values().map(|d| d.inflight()).sum();
         metrics
             .in_flight
             .get_or_create(&labels)
-            .set(self.dispatcher.inflight() as i64);
+            .set(inflight as i64);
         metrics
             .consumers
             .get_or_create(&labels)
-            .set(self.dispatcher.consumer_count() as i64);
+            .set(self.consumers.len() as i64);
+        for info in self.subscription_infos(now_ms()) {
+            let sl = SubscriptionLabels {
+                queue: self.queue.to_string(),
+                partition: self.index.to_string(),
+                subscription: info.name.clone(),
+            };
+            metrics.sub_depth.get_or_create(&sl).set(info.depth as i64);
+            metrics.sub_lag.get_or_create(&sl).set(info.lag as i64);
+            metrics
+                .sub_dead_lettered
+                .get_or_create(&sl)
+                .set(info.dead_lettered as i64);
+            metrics
+                .sub_dropped
+                .get_or_create(&sl)
+                .set(info.dropped as i64);
+        }
         metrics
             .log_disk_bytes
             .get_or_create(&labels)
@@ -678,12 +1100,15 @@ impl Partition {
             match p.kind {
                 PendingKind::Puts { batch } => batches.push(batch),
                 PendingKind::Confirms { batch } => answer_confirms_failed(batch, status),
-                PendingKind::Purge { .. } | PendingKind::Tick => {}
+                PendingKind::Purge { .. }
+                | PendingKind::Tick
+                | PendingKind::Internal
+                | PendingKind::SubscriptionOp { .. } => {}
             }
         }
         for b in batches {
             released += b.bytes;
-            answer_batch(&b, |_| status);
+            answer_batch(&b, false, |_| status);
         }
         released
     }
@@ -709,7 +1134,7 @@ fn original_status(o: &tern_queue::OriginalOutcome) -> Status {
 }
 
 /// Sends every origin of a batch its ACKs, with the status `status_of` gives each GUID.
-fn answer_batch(batch: &PutBatch, status_of: impl Fn(&Guid) -> Status) {
+fn answer_batch(batch: &PutBatch, durable: bool, status_of: impl Fn(&Guid) -> Status) {
     let mut msgs = batch.msgs.iter();
     for o in &batch.origins {
         let acks: Vec<AckEntry> = msgs
@@ -717,7 +1142,11 @@ fn answer_batch(batch: &PutBatch, status_of: impl Fn(&Guid) -> Status) {
             .take(o.count)
             .map(|m| {
                 let status = status_of(&m.guid);
-                let flags = if status == Status::Ok { ACK_DURABLE } else { 0 };
+                let flags = if status == Status::Ok && durable {
+                    ACK_DURABLE
+                } else {
+                    0
+                };
                 AckEntry {
                     guid: m.guid,
                     status,
@@ -737,7 +1166,7 @@ fn answer_puts_failed(queue: &str, batch: PutBatch, status: Status, metrics: &Me
             status: status.name().to_string(),
         })
         .inc_by(batch.msgs.len() as u64);
-    answer_batch(&batch, |_| status);
+    answer_batch(&batch, false, |_| status);
 }
 
 fn answer_confirms(batch: ConfirmBatch, status_of: impl Fn(&Guid) -> Status) {
@@ -804,6 +1233,51 @@ fn split_batch(batch: PutBatch, max_bytes: u64) -> Vec<PutBatch> {
     out
 }
 
+/// The GUID a dead letter gets in the dead-letter queue: the original for a work queue;
+/// mixed with the subscription's name for a fan-out queue, so dead letters of one message
+/// from two subscriptions are two messages. Deterministic, so a retried write is
+/// recognised by the dead-letter queue's dedup history.
+pub fn dead_letter_guid(guid: &Guid, subscription: &str) -> Guid {
+    if subscription.is_empty() {
+        return *guid;
+    }
+    let mut out = *guid;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, b) in subscription.bytes().enumerate() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+        out[i % 16] ^= (h >> 56) as u8;
+    }
+    for (i, b) in h.to_be_bytes().iter().enumerate() {
+        out[i] ^= b;
+    }
+    out
+}
+
+fn proto_dead_letter(d: &DeadLetterInfo) -> tern_proto::DeadLetterInfo {
+    tern_proto::DeadLetterInfo {
+        source_queue: d.source_queue.clone(),
+        subscription: d.subscription.clone(),
+        reason: match d.reason {
+            tern_queue::DeadLetterReason::MaxAttempts => tern_proto::DeadLetterReason::MaxAttempts,
+            tern_queue::DeadLetterReason::Expired => tern_proto::DeadLetterReason::Expired,
+        },
+        attempts: d.attempts,
+        original_guid: d.original_guid,
+    }
+}
+
+fn remove_group_dir(dir: &std::path::Path) -> Result<(), ReplicationError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ReplicationError::CorruptState {
+            path: dir.to_path_buf(),
+            reason: format!("cannot clear the memory queue's directory: {e}"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -814,6 +1288,7 @@ mod tests {
             ttl_ms: 0,
             key: Bytes::new(),
             payload: Bytes::from(vec![0u8; size]),
+            dead_letter: None,
         }
     }
 
@@ -860,5 +1335,15 @@ mod tests {
             })
             .collect();
         assert_eq!(owners, vec![1, 1, 1, 2, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn dead_letter_guids_differ_per_subscription_and_are_stable() {
+        let g = [7u8; 16];
+        assert_eq!(dead_letter_guid(&g, ""), g);
+        let a = dead_letter_guid(&g, "billing");
+        assert_ne!(a, g);
+        assert_ne!(a, dead_letter_guid(&g, "audit"));
+        assert_eq!(a, dead_letter_guid(&g, "billing"));
     }
 }

@@ -5,14 +5,16 @@ use crate::command::Reader;
 use crate::config::{put_config, read_config};
 
 /// Snapshot format version; see `snapshot`.
-const SNAPSHOT_VERSION: u8 = 2;
+const SNAPSHOT_VERSION: u8 = 3;
+/// The previous version (no dead-letter info per message) is still read.
+const SNAPSHOT_VERSION_V2: u8 = 2;
 
 impl PartitionState {
     /// All replicated state (config, messages' metadata and locations, subscriptions,
     /// attempt counts, the GUID history, counters), NOT payloads: they stay in the log
     /// from [`Self::min_live_index`] on. Canonical: equal states give equal bytes.
     ///
-    /// Format (big-endian): `u8 version (= 2) | config | u64 now_ms | u64 next_seq |
+    /// Format (big-endian): `u8 version (= 3; 2 is still read) | config | u64 now_ms | u64 next_seq |
     /// 9 × u64 counters | u64 n, n × message | u64 n, n × subscription |
     /// u64 n, n × { guid[16] | u64 at_ms | u8 outcome }`.
     pub fn snapshot(&self) -> Bytes {
@@ -47,7 +49,7 @@ impl PartitionState {
     pub fn restore(bytes: &Bytes) -> Result<Self, CommandError> {
         let mut r = Reader::new(bytes);
         let version = r.u8()?;
-        if version != SNAPSHOT_VERSION {
+        if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_V2 {
             return Err(CommandError::UnknownVersion(version));
         }
         let config = read_config(&mut r)?;
@@ -59,7 +61,7 @@ impl PartitionState {
         let n = r.count64(8 + 16 + 8 + 4 + 4 + 8 + 1 + 2)?;
         let mut metas = Vec::with_capacity(n);
         for _ in 0..n {
-            metas.push(read_meta(&mut r)?);
+            metas.push(read_meta(&mut r, version)?);
         }
         let n = r.count64(2 + 8 + 5 * 8 + 3 * 8)?;
         for _ in 0..n {
@@ -157,9 +159,16 @@ fn put_meta(b: &mut BytesMut, m: &MessageMeta) {
     }
     b.put_u16(m.key.len() as u16);
     b.put_slice(&m.key);
+    match &m.dead_letter {
+        Some(d) => {
+            b.put_u8(1);
+            crate::command::put_dead_letter(b, d);
+        }
+        None => b.put_u8(0),
+    }
 }
 
-fn read_meta(r: &mut Reader<'_>) -> Result<MessageMeta, CommandError> {
+fn read_meta(r: &mut Reader<'_>, version: u8) -> Result<MessageMeta, CommandError> {
     let seq = r.u64()?;
     let guid = r.guid()?;
     let location = Location {
@@ -175,6 +184,14 @@ fn read_meta(r: &mut Reader<'_>) -> Result<MessageMeta, CommandError> {
     };
     let key_len = usize::from(r.u16()?);
     let key = r.bytes(key_len)?;
+    let dead_letter = match version {
+        SNAPSHOT_VERSION_V2 => None,
+        _ => match r.u8()? {
+            0 => None,
+            1 => Some(std::sync::Arc::new(crate::command::read_dead_letter(r)?)),
+            _ => return Err(CommandError::BadSnapshot("bad dead-letter flag")),
+        },
+    };
     Ok(MessageMeta {
         seq,
         guid,
@@ -183,6 +200,7 @@ fn read_meta(r: &mut Reader<'_>) -> Result<MessageMeta, CommandError> {
         enqueued_ms,
         expires_ms,
         key,
+        dead_letter,
     })
 }
 

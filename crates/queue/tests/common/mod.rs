@@ -16,6 +16,7 @@ pub fn msg(i: u32, size_bytes: usize, ttl_ms: u64) -> PutMessage {
         ttl_ms,
         key: Bytes::from(format!("k{i}")),
         payload: Bytes::from(vec![i as u8; size_bytes]),
+        dead_letter: None,
     }
 }
 
