@@ -20,8 +20,11 @@ pub struct BrokerConfig {
     pub http_listen: SocketAddr,
     /// Node-to-node listener.
     pub peer_listen: SocketAddr,
-    /// `id=host:port` of every initial member; empty = a single-node cluster of this node.
+    /// `id=host:port` (peer address) of every initial member; empty = a single-node
+    /// cluster of this node.
     pub initial_cluster: Vec<String>,
+    /// Replicas per partition (capped by the cluster size).
+    pub replication_factor: usize,
     /// Create a queue with default settings when a client first opens it.
     pub auto_create_queues: bool,
     /// Defaults for queues created without explicit settings.
@@ -92,6 +95,7 @@ impl Default for BrokerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7451)),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 7452)),
             initial_cluster: Vec::new(),
+            replication_factor: 3,
             auto_create_queues: true,
             queue_defaults: QueueDefaults::default(),
             max_frame_bytes: tern_proto::DEFAULT_MAX_FRAME_BYTES,
@@ -152,10 +156,66 @@ impl BrokerConfig {
         {
             return bad("max_connections, node_queue_capacity and max_inflight_puts_per_conn must be positive".into());
         }
-        let others: Vec<&String> = self.initial_cluster.iter().collect();
-        if others.len() > 1 {
-            return bad("multi-node clusters (--initial-cluster with several members) are not supported by this build yet".into());
+        let members = self.members()?;
+        if !members.is_empty() && !members.iter().any(|(id, _)| *id == self.node_id) {
+            return bad(format!(
+                "--initial-cluster does not list this node's id {}",
+                self.node_id
+            ));
+        }
+        if self.replication_factor == 0 {
+            return bad("replication_factor must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The initial members as (node id, peer address), sorted by id; empty = single node.
+    pub fn members(&self) -> Result<Vec<(u64, String)>, ConfigError> {
+        let mut out: Vec<(u64, String)> = Vec::new();
+        for item in &self.initial_cluster {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let Some((id, addr)) = item.split_once('=') else {
+                return Err(ConfigError(format!(
+                    "--initial-cluster entry {item:?} is not ID=HOST:PORT"
+                )));
+            };
+            let id: u64 = id.trim().parse().map_err(|_| {
+                ConfigError(format!(
+                    "--initial-cluster entry {item:?}: {id:?} is not a node id"
+                ))
+            })?;
+            if id == 0 {
+                return Err(ConfigError("node ids start at 1".into()));
+            }
+            let addr = addr.trim();
+            if addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(ConfigError(format!(
+                    "--initial-cluster entry {item:?}: {addr:?} is not HOST:PORT"
+                )));
+            }
+            if out.iter().any(|(other, _)| *other == id) {
+                return Err(ConfigError(format!(
+                    "--initial-cluster lists node {id} twice"
+                )));
+            }
+            out.push((id, addr.to_string()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Ids of the initial members (just this node for a single-node cluster).
+    pub fn member_ids(&self) -> Vec<u64> {
+        match self.members() {
+            Ok(m) if !m.is_empty() => m.into_iter().map(|(id, _)| id).collect(),
+            _ => vec![self.node_id],
+        }
     }
 }

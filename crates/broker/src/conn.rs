@@ -74,10 +74,7 @@ async fn serve_inner(
     let codec = FrameCodec::new(shared.config.max_frame_bytes);
     let mut reader = FramedRead::new(read, codec.clone());
     let (out_tx, out_rx) = flume::unbounded::<Frame>();
-    let conn = ConnTx {
-        id: conn_id,
-        tx: out_tx,
-    };
+    let conn = ConnTx::new(conn_id, out_tx);
     let inflight = Arc::new(InFlight::default());
     let writer = tokio::spawn(write_loop(write, out_rx, codec, inflight.clone()));
 
@@ -205,13 +202,15 @@ impl Session {
             }
         };
         let consumers: Vec<ConsumerId> = self.handles.values().filter_map(|h| h.consumer).collect();
-        if !consumers.is_empty() {
-            let _ = self
-                .shared
-                .node_tx
-                .send_async(NodeCmd::ConnClosed { consumers })
-                .await;
-        }
+        // Always sent: the node forgets the connection (and releases its consumers).
+        let _ = self
+            .shared
+            .node_tx
+            .send_async(NodeCmd::ConnClosed {
+                conn: self.conn.id,
+                consumers,
+            })
+            .await;
         result
     }
 

@@ -14,6 +14,7 @@ mod conn;
 mod http;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 
 pub use config::{BrokerConfig, ConfigError, QueueDefaults};
 
@@ -84,7 +85,11 @@ impl Broker {
             addr: config.http_listen,
             source,
         })?;
-        let handle = node::start(config.clone(), metrics.clone())?;
+        let handle = node::start(
+            config.clone(),
+            metrics.clone(),
+            &tokio::runtime::Handle::current(),
+        )?;
         let (stop_tx, stop_rx) = watch::channel(StopPhase::Running);
         let shared = Arc::new(Shared {
             config,
@@ -122,6 +127,17 @@ impl Broker {
     /// Graceful stop (guarantee 8): tell clients to stop sending PUTs here, let
     /// in-flight PUTs and CONFIRMs drain (bounded by `stop_timeout_ms`), snapshot, leave.
     pub async fn stop(mut self) -> Result<(), BrokerError> {
+        // First hand leadership to other replicas (a cluster keeps serving meanwhile).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .shared
+            .node_tx
+            .send_async(NodeCmd::ReleaseLeadership { reply: tx })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
         let _ = self.stop_tx.send(StopPhase::Draining);
         self.shared.ready.store(false, Ordering::Relaxed);
         let deadline =

@@ -35,6 +35,9 @@ pub struct ServerArgs {
     /// Initial members as `ID=HOST:PORT,ID=HOST:PORT,...` (peer addresses). [default: this node alone]
     #[arg(long, env = "TERN_INITIAL_CLUSTER", value_delimiter = ',')]
     pub initial_cluster: Option<Vec<String>>,
+    /// Replicas per partition, capped by the cluster size. [default: 3]
+    #[arg(long, env = "TERN_REPLICATION_FACTOR")]
+    pub replication_factor: Option<usize>,
     /// Create queues with default settings on first use (true/false). [default: true]
     #[arg(long, env = "TERN_AUTO_CREATE_QUEUES")]
     pub auto_create_queues: Option<bool>,
@@ -122,6 +125,7 @@ impl ServerArgs {
             http_listen,
             peer_listen,
             initial_cluster,
+            replication_factor,
             auto_create_queues
         );
         set!(
@@ -160,35 +164,9 @@ impl ServerArgs {
         if let Some(v) = self.default_dedup_window_ms {
             d.dedup_window_ms = v;
         }
-        check_initial_cluster(&c)?;
         c.validate()?;
         Ok(c)
     }
-}
-
-/// `--initial-cluster` entries must be `ID=HOST:PORT` and name this node.
-fn check_initial_cluster(c: &BrokerConfig) -> anyhow::Result<()> {
-    let mut ids = Vec::new();
-    for member in &c.initial_cluster {
-        let (id, addr) = member
-            .split_once('=')
-            .with_context(|| format!("--initial-cluster entry {member:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .with_context(|| format!("--initial-cluster entry {member:?}: bad node id"))?;
-        if addr.trim().is_empty() {
-            anyhow::bail!("--initial-cluster entry {member:?} has no address");
-        }
-        ids.push(id);
-    }
-    if !ids.is_empty() && !ids.contains(&c.node_id) {
-        anyhow::bail!(
-            "--initial-cluster does not include this node's id {}",
-            c.node_id
-        );
-    }
-    Ok(())
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {

@@ -133,6 +133,42 @@ impl Group {
         Ok(())
     }
 
+    /// Starts an election now (a new group's first replica, so leaders spread and a new
+    /// queue does not wait for an election timeout).
+    pub fn campaign(&mut self) -> Result<(), ReplicationError> {
+        if self.node.raft.state == StateRole::Leader {
+            return Ok(());
+        }
+        Ok(self.node.campaign()?)
+    }
+
+    /// Asks Raft to hand leadership to `to` (graceful stop). The transfer completes
+    /// when `to` wins the election it triggers; the caller watches `is_leader`.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.node.transfer_leader(to);
+    }
+
+    /// Voters of the group's current configuration.
+    pub fn voters(&self) -> Vec<u64> {
+        self.node.store().conf_state().voters.clone()
+    }
+
+    /// Per voter, how far its log matches the leader's (leader only).
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        if self.node.raft.state != StateRole::Leader {
+            return Vec::new();
+        }
+        let mut out: Vec<(u64, u64)> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn tick(&mut self) -> bool {
         self.node.tick()
     }

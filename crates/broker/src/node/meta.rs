@@ -21,12 +21,52 @@ pub struct QueueDef {
     pub first_group_id: u64,
     pub partitions: u16,
     pub created_ms: u64,
+    /// Replica set (node ids) of each partition; empty = created by a single-node
+    /// build before placement existed (the one node holds everything).
+    #[serde(default)]
+    pub replicas: Vec<Vec<u64>>,
 }
 
 impl QueueDef {
     pub fn group_ids(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
         (0..self.partitions).map(|p| (p, self.first_group_id + u64::from(p)))
     }
+
+    /// The replica set of partition `p` (`local` alone for pre-placement definitions).
+    pub fn replicas_of(&self, p: u16, local: u64) -> Vec<u64> {
+        match self.replicas.get(usize::from(p)) {
+            Some(r) if !r.is_empty() => r.clone(),
+            _ => vec![local],
+        }
+    }
+}
+
+/// Rendezvous (highest random weight) placement: for each partition, the `factor`
+/// members with the highest hash of (queue, partition, node). Stable: adding a node
+/// moves only the partitions it wins. Deterministic across versions (FNV-1a).
+pub fn place(queue: &str, partitions: u16, members: &[u64], factor: usize) -> Vec<Vec<u64>> {
+    (0..partitions)
+        .map(|p| {
+            let mut scored: Vec<(u64, u64)> = members
+                .iter()
+                .map(|&node| {
+                    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                    let key = format!("{queue}/{p}/{node}");
+                    for b in key.bytes() {
+                        h ^= u64::from(b);
+                        h = h.wrapping_mul(0x0100_0000_01b3);
+                    }
+                    (h, node)
+                })
+                .collect();
+            scored.sort_by(|a, b| b.cmp(a));
+            scored
+                .into_iter()
+                .take(factor.max(1))
+                .map(|(_, n)| n)
+                .collect()
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +78,9 @@ pub enum MetaCommand {
         name: String,
         spec: QueueSpec,
         now_ms: u64,
+        /// Replica set per partition, chosen by the proposer ([`place`]).
+        #[serde(default)]
+        replicas: Vec<Vec<u64>>,
     },
     DeleteQueue {
         name: String,
@@ -69,7 +112,12 @@ impl MetaState {
 
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaOutcome {
         match cmd {
-            MetaCommand::CreateQueue { name, spec, now_ms } => {
+            MetaCommand::CreateQueue {
+                name,
+                spec,
+                now_ms,
+                replicas,
+            } => {
                 if let Some(def) = self.queues.get(name) {
                     return MetaOutcome::Exists(def.clone());
                 }
@@ -80,6 +128,7 @@ impl MetaState {
                     first_group_id: self.next_group_id,
                     partitions,
                     created_ms: *now_ms,
+                    replicas: replicas.clone(),
                 };
                 // Group ids are never reused, so a deleted queue's files can't be mistaken for a new one's.
                 self.next_group_id += u64::from(partitions);
@@ -133,6 +182,23 @@ pub fn validate_queue_name(name: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn placement_is_stable_spread_and_sized() {
+        let members = [1, 2, 3, 4, 5];
+        let a = place("orders", 8, &members, 3);
+        assert_eq!(a, place("orders", 8, &members, 3));
+        assert!(a.iter().all(|r| r.len() == 3));
+        for r in &a {
+            let mut d = r.clone();
+            d.dedup();
+            assert_eq!(d.len(), 3, "distinct replicas");
+        }
+        // More than one node leads (first replica) some partition.
+        let firsts: std::collections::BTreeSet<u64> = a.iter().map(|r| r[0]).collect();
+        assert!(firsts.len() > 1);
+        assert_eq!(place("q", 1, &[7], 3), vec![vec![7]]);
+    }
+
     fn spec(p: u16) -> QueueSpec {
         QueueSpec {
             partitions: Some(p),
@@ -147,11 +213,13 @@ mod tests {
             name: "a".into(),
             spec: spec(3),
             now_ms: 1,
+            replicas: Vec::new(),
         });
         let b = m.apply(&MetaCommand::CreateQueue {
             name: "b".into(),
             spec: spec(2),
             now_ms: 2,
+            replicas: Vec::new(),
         });
         let (MetaOutcome::Created(a), MetaOutcome::Created(b)) = (a, b) else {
             panic!("not created")
@@ -162,6 +230,7 @@ mod tests {
             name: "a".into(),
             spec: spec(3),
             now_ms: 3,
+            replicas: Vec::new(),
         });
         assert!(matches!(again, MetaOutcome::Exists(d) if d == a));
         assert!(matches!(
@@ -176,6 +245,7 @@ mod tests {
             name: "a".into(),
             spec: spec(1),
             now_ms: 4,
+            replicas: Vec::new(),
         });
         assert!(matches!(c, MetaOutcome::Created(d) if d.first_group_id == 6));
         let restored = MetaState::decode(&m.encode()).expect("decode");

@@ -12,6 +12,7 @@
 //!   applied, and only if the applied entry is the one proposed (same index and term).
 //! - A storage error is fatal: the loop returns it and the process exits.
 
+mod cluster;
 pub mod meta;
 mod partition;
 
@@ -34,20 +35,94 @@ pub type ConnId = u64;
 
 /// The outbound side of a client connection: frames the node sends to it.
 ///
-/// Unbounded channel, bounded by construction: it carries ACKs for at most
-/// `max_inflight_puts_per_conn` PUTs, PUSHes within the consumer's flow-control
-/// window, and one reply per request.
-#[derive(Clone, Debug)]
+/// A local connection is an unbounded channel, bounded by construction: it carries
+/// ACKs for at most `max_inflight_puts_per_conn` PUTs, PUSHes within the consumer's
+/// flow-control window, and one reply per request. A connection of another node
+/// (this node leads a partition that node's client uses) sends frames back through
+/// the transport, whose per-peer queue is bounded.
+#[derive(Clone)]
 pub struct ConnTx {
     pub id: ConnId,
-    pub tx: flume::Sender<Frame>,
+    route: Route,
 }
 
+#[derive(Clone)]
+enum Route {
+    Local(flume::Sender<Frame>),
+    Remote {
+        node: u64,
+        conn: ConnId,
+        transport: Option<tern_transport::Transport>,
+        max_frame_bytes: u32,
+    },
+}
+
+impl std::fmt::Debug for ConnTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.route {
+            Route::Local(_) => write!(f, "ConnTx(local {})", self.id),
+            Route::Remote { node, conn, .. } => write!(f, "ConnTx(node {node} conn {conn})"),
+        }
+    }
+}
+
+/// Connection and consumer ids carry the node id in their top bits, so ids made on
+/// different nodes never collide.
+const NODE_ID_SHIFT: u32 = 40;
+
 impl ConnTx {
+    pub fn new(id: ConnId, tx: flume::Sender<Frame>) -> Self {
+        ConnTx {
+            id,
+            route: Route::Local(tx),
+        }
+    }
+
+    /// Connection `conn` of node `node`: frames for it go back through the transport.
+    pub fn remote(
+        node: u64,
+        conn: ConnId,
+        transport: Option<tern_transport::Transport>,
+        max_frame_bytes: u32,
+    ) -> Self {
+        ConnTx {
+            id: (node << NODE_ID_SHIFT) ^ conn,
+            route: Route::Remote {
+                node,
+                conn,
+                transport,
+                max_frame_bytes,
+            },
+        }
+    }
+
     /// Sends a frame; a closed connection is not an error (its client will retransmit).
     pub fn send(&self, frame: Frame) {
-        let _ = self.tx.send(frame);
+        match &self.route {
+            Route::Local(tx) => {
+                let _ = tx.send(frame);
+            }
+            Route::Remote {
+                node,
+                conn,
+                transport,
+                max_frame_bytes,
+            } => {
+                let (Some(t), Some(frame)) =
+                    (transport, cluster::encode_frame(frame, *max_frame_bytes))
+                else {
+                    return;
+                };
+                let msg = crate::peer::PeerMsg::ToConn { conn: *conn, frame };
+                let _ = t.send(*node, msg.encode());
+            }
+        }
     }
+}
+
+/// Whether a consumer id was made on another node.
+pub(crate) fn is_remote_consumer(id: ConsumerId, node_id: u64) -> bool {
+    id >> NODE_ID_SHIFT != node_id
 }
 
 /// A refused request: the status and a message for the client.
@@ -117,11 +192,22 @@ pub enum NodeCmd {
         entries: Vec<tern_proto::ExtendEntry>,
     },
     ConnClosed {
+        conn: ConnId,
         consumers: Vec<ConsumerId>,
+    },
+    /// A message from another node (through the transport).
+    Peer {
+        from: u64,
+        msg: bytes::Bytes,
     },
     Admin {
         req: AdminRequest,
         reply: oneshot::Sender<Result<AdminReply, Rejection>>,
+    },
+    /// Graceful stop, first step: hand every group this node leads to another replica;
+    /// the reply comes when none is led here any more, or after the bound.
+    ReleaseLeadership {
+        reply: oneshot::Sender<()>,
     },
     /// Graceful stop: snapshot every group and leave the loop.
     Stop {
@@ -141,6 +227,8 @@ pub enum NodeError {
     },
     #[error("corrupt metadata snapshot: {0}")]
     Meta(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Handle held by the async side.
@@ -156,6 +244,8 @@ const MAX_VISIBILITY_TIMEOUT_MS: u64 = 12 * 3600 * 1000;
 const MAX_CMDS_PER_ROUND: usize = 4096;
 /// Most Ready passes per round before going back to the channel.
 const MAX_READY_PASSES: usize = 4;
+/// Graceful stop: how long to wait for leadership transfers to complete.
+const LEADERSHIP_RELEASE_MS: u64 = 5_000;
 /// Connection id of the node itself (dead-letter PUTs); client connections start at 1.
 const INTERNAL_CONN_ID: ConnId = 0;
 
@@ -167,9 +257,16 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Opens storage (so startup errors surface before serving) and starts the node thread.
-pub fn start(cfg: BrokerConfig, metrics: Arc<Metrics>) -> Result<NodeHandle, NodeError> {
-    let node = Node::open(cfg, metrics)?;
-    let (tx, rx) = flume::bounded(node.cfg.node_queue_capacity);
+///
+/// `rt` runs the node-to-node transport (multi-node clusters only).
+pub fn start(
+    cfg: BrokerConfig,
+    metrics: Arc<Metrics>,
+    rt: &tokio::runtime::Handle,
+) -> Result<NodeHandle, NodeError> {
+    let (tx, rx) = flume::bounded(cfg.node_queue_capacity);
+    let transport = start_transport(&cfg, rt, tx.clone())?;
+    let node = Node::open(cfg, metrics, transport)?;
     let ready = node.ready.clone();
     let thread = std::thread::Builder::new()
         .name("tern-node".into())
@@ -181,6 +278,81 @@ pub fn start(cfg: BrokerConfig, metrics: Arc<Metrics>) -> Result<NodeHandle, Nod
     Ok(NodeHandle { tx, ready, thread })
 }
 
+/// Starts the node-to-node transport when the cluster has several members. Peer
+/// messages enter the node loop's channel like client commands (a full channel slows
+/// the peer's link: back-pressure, not loss).
+fn start_transport(
+    cfg: &BrokerConfig,
+    rt: &tokio::runtime::Handle,
+    tx: flume::Sender<NodeCmd>,
+) -> Result<Option<tern_transport::Transport>, NodeError> {
+    let members = cfg
+        .members()
+        .map_err(|e| NodeError::Cluster(e.to_string()))?;
+    if members.len() <= 1 {
+        return Ok(None);
+    }
+    let mut peers = HashMap::new();
+    for (id, addr) in &members {
+        peers.insert(*id, resolve_peer(addr)?);
+    }
+    let tcfg = tern_transport::TransportConfig::new(
+        cfg.node_id,
+        cluster_id(&members),
+        cfg.peer_listen,
+        peers,
+    );
+    let transport = tern_transport::Transport::start(tcfg, rt, move |inbound| {
+        let _ = tx.send(NodeCmd::Peer {
+            from: inbound.from,
+            msg: inbound.msg,
+        });
+    })
+    .map_err(|e| {
+        NodeError::Cluster(format!(
+            "cannot start the peer transport on {}: {e}",
+            cfg.peer_listen
+        ))
+    })?;
+    Ok(Some(transport))
+}
+
+/// Resolves a peer's `HOST:PORT`, waiting (bounded) for DNS: in a container cluster the
+/// other members' names appear as they start.
+fn resolve_peer(addr: &str) -> Result<std::net::SocketAddr, NodeError> {
+    use std::net::ToSocketAddrs;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match addr.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(a)) => return Ok(a),
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
+            Ok(None) => {
+                return Err(NodeError::Cluster(format!(
+                    "peer address {addr} resolves to nothing"
+                )))
+            }
+            Err(e) => {
+                return Err(NodeError::Cluster(format!(
+                    "cannot resolve peer address {addr}: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// Members of one cluster agree on this id; a node started with another member list is
+/// refused by the transport's handshake instead of joining the wrong cluster.
+fn cluster_id(members: &[(u64, String)]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, _) in members {
+        for b in id.to_be_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 enum MetaWaiter {
     Admin(oneshot::Sender<Result<AdminReply, Rejection>>),
     Open(Box<NodeCmd>),
@@ -190,6 +362,7 @@ struct Consumer {
     conn: ConnTx,
     handle_id: u32,
     queue: Arc<str>,
+    subscription: String,
     limits: FlowLimits,
 }
 
@@ -237,15 +410,22 @@ pub(crate) struct Node {
     ready: Arc<AtomicBool>,
     disk: DiskGuard,
     stopping: bool,
+    /// None for a single-node cluster.
+    transport: Option<tern_transport::Transport>,
+    cluster: cluster::ClusterState,
 }
 
 impl Node {
-    fn open(cfg: BrokerConfig, metrics: Arc<Metrics>) -> Result<Node, NodeError> {
+    fn open(
+        cfg: BrokerConfig,
+        metrics: Arc<Metrics>,
+        transport: Option<tern_transport::Transport>,
+    ) -> Result<Node, NodeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
             path: cfg.data_dir.clone(),
             source,
         })?;
-        let mut gcfg = group_config(&cfg, META_GROUP_ID, true);
+        let mut gcfg = group_config(&cfg, META_GROUP_ID, true, cfg.member_ids());
         gcfg.log.segment_max_bytes = 8 * 1024 * 1024;
         let (mut meta_group, snapshot) = Group::open(&gcfg)?;
         let meta = match snapshot {
@@ -253,6 +433,8 @@ impl Node {
             None => MetaState::new(),
         };
         meta_group.campaign_if_sole_voter()?;
+        // Ids made here carry the node id in their top bits (unique cluster-wide).
+        let first_id = (cfg.node_id << NODE_ID_SHIFT) + 1;
         let disk = DiskGuard::new(cfg.data_dir.clone(), cfg.min_free_disk_bytes);
         // Bounded by construction: at most MAX_DEAD_LETTERS_IN_FLIGHT ACKs per partition.
         let (internal, internal_rx) = flume::unbounded();
@@ -264,20 +446,19 @@ impl Node {
             meta_pending: BTreeMap::new(),
             partitions: HashMap::new(),
             consumers: HashMap::new(),
-            next_consumer_id: 1,
+            next_consumer_id: first_id,
             purges: HashMap::new(),
             next_purge_id: 1,
             subscription_ops: HashMap::new(),
             dead_letter_waits: HashMap::new(),
-            internal_tx: ConnTx {
-                id: INTERNAL_CONN_ID,
-                tx: internal,
-            },
+            internal_tx: ConnTx::new(INTERNAL_CONN_ID, internal),
             internal_rx,
             pending_put_bytes: 0,
             ready: Arc::new(AtomicBool::new(false)),
             disk,
             stopping: false,
+            transport,
+            cluster: cluster::ClusterState::default(),
         };
         let defs: Vec<QueueDef> = node.meta.queues().cloned().collect();
         for def in &defs {
@@ -308,7 +489,12 @@ impl Node {
                     Err(_) => break,
                 }
             }
+            self.resend_forwarded();
+            self.home_consumers();
             self.flush_proposals();
+            self.poll_admin();
+            self.gossip_leaders();
+            self.release_leadership();
             if Instant::now() >= next_tick {
                 self.tick_all();
                 next_tick = Instant::now() + tick;
@@ -318,7 +504,12 @@ impl Node {
             self.dispatch_all();
             self.maybe_snapshot()?;
             self.update_ready_flag();
-            let outstanding: usize = self.partitions.values().map(|p| p.outstanding_puts()).sum();
+            let outstanding: usize = self
+                .partitions
+                .values()
+                .map(|p| p.outstanding_puts())
+                .sum::<usize>()
+                + self.cluster.forwarded.len();
             self.metrics.pending_puts.set(outstanding as i64);
             if let Some(reply) = stop_reply.take() {
                 self.stop()?;
@@ -358,10 +549,16 @@ impl Node {
                 queue,
                 entries,
             } => self.handle_extend(consumer, &queue, entries),
-            NodeCmd::ConnClosed { consumers } => {
+            NodeCmd::ConnClosed { conn, consumers } => {
                 for c in consumers {
                     self.remove_consumer(c);
                 }
+                self.cluster.local_conns.remove(&conn);
+            }
+            NodeCmd::Peer { from, msg } => self.handle_peer(from, msg),
+            NodeCmd::ReleaseLeadership { reply } => {
+                let deadline = Instant::now() + Duration::from_millis(LEADERSHIP_RELEASE_MS);
+                self.cluster.releasing = Some((reply, deadline));
             }
             NodeCmd::Admin { req, reply } => self.handle_admin(req, reply),
             NodeCmd::Stop { reply } => {
@@ -380,8 +577,12 @@ impl Node {
             if self.partitions.contains_key(&gid) {
                 continue;
             }
+            let replicas = def.replicas_of(p, self.cfg.node_id);
+            if !replicas.contains(&self.cfg.node_id) {
+                continue; // another node's partition: reached through its leader
+            }
             let durable = def.spec.storage.as_deref() != Some("memory");
-            let gcfg = group_config(&self.cfg, gid, durable);
+            let gcfg = group_config(&self.cfg, gid, durable, replicas);
             let config = config_from_spec(&def.spec);
             let part = Partition::open(queue.clone(), p, &gcfg, config.clone())?;
             self.partitions.insert(gid, part);
@@ -427,23 +628,28 @@ impl Node {
                     return;
                 }
             };
-            let cmd = MetaCommand::CreateQueue {
-                name: queue.clone(),
-                spec,
-                now_ms: now_ms(),
-            };
-            let waiter = MetaWaiter::Open(Box::new(NodeCmd::Open {
+            let open = NodeCmd::Open {
                 conn,
                 req_id,
                 handle_id,
-                queue,
+                queue: queue.clone(),
                 subscription,
                 consumer,
                 reply,
-            }));
-            self.propose_meta(cmd, waiter);
+            };
+            if self.is_cluster() && !self.meta_group.is_leader() {
+                let req = AdminRequest::CreateQueue {
+                    name: queue,
+                    spec: QueueSpec::default(),
+                };
+                self.create_remotely_then_open(req, open);
+                return;
+            }
+            let cmd = self.create_command(queue, spec);
+            self.propose_meta(cmd, MetaWaiter::Open(Box::new(open)));
             return;
         };
+        self.cluster.local_conns.insert(conn.id, conn.clone());
         if consumer.is_some() {
             if let Err(e) = check_subscription(&def, &subscription) {
                 let _ = reply.send(Err(Rejection::new(Status::InvalidArgument, e)));
@@ -486,9 +692,11 @@ impl Node {
                 conn,
                 handle_id,
                 queue,
+                subscription: subscription.to_owned(),
                 limits,
             },
         );
+        // Partitions led elsewhere get it attached by `home_consumers` this round.
         id
     }
 
@@ -496,6 +704,7 @@ impl Node {
         let Some(c) = self.consumers.remove(&id) else {
             return;
         };
+        self.unhome_consumer(id);
         for gid in self.queue_partition_ids(&c.queue).unwrap_or_default() {
             if let Some(p) = self.partitions.get_mut(&gid) {
                 p.remove_consumer(id);
@@ -569,9 +778,7 @@ impl Node {
         let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
         self.pending_put_bytes += bytes;
         if gids.len() == 1 {
-            if let Some(p) = self.partitions.get_mut(&gids[0]) {
-                p.enqueue_puts(conn, messages, received);
-            }
+            self.enqueue_or_forward(gids[0], conn, messages, received);
             return;
         }
         let mut by_partition: BTreeMap<usize, Vec<tern_queue::PutMessage>> = BTreeMap::new();
@@ -584,9 +791,7 @@ impl Node {
             by_partition.entry(p).or_default().push(m);
         }
         for (p, msgs) in by_partition {
-            if let Some(part) = self.partitions.get_mut(&gids[p]) {
-                part.enqueue_puts(conn.clone(), msgs, received);
-            }
+            self.enqueue_or_forward(gids[p], conn.clone(), msgs, received);
         }
     }
 
@@ -697,23 +902,27 @@ impl Node {
             }
         }
         for (p, guids) in by_partition {
-            if let Some(part) = self.partitions.get_mut(&gids[p]) {
-                rejected.extend(part.enqueue_confirms(&conn, handle_id, consumer, guids));
+            let gid = gids[p];
+            match self.cluster.consumer_homes.get(&(consumer, gid)).copied() {
+                Some(home) if home != self.cfg.node_id => {
+                    // Led elsewhere: the leader answers with a ConfirmAck through us.
+                    let msg = crate::peer::PeerMsg::Confirm {
+                        group: gid,
+                        consumer,
+                        conn: conn.id,
+                        handle: handle_id,
+                        guids,
+                    };
+                    self.send_peer(home, &msg);
+                }
+                _ => {
+                    if let Some(part) = self.partitions.get_mut(&gid) {
+                        rejected.extend(part.enqueue_confirms(&conn, handle_id, consumer, guids));
+                    }
+                }
             }
         }
-        if !rejected.is_empty() {
-            let entries = rejected
-                .into_iter()
-                .map(|guid| tern_proto::ConfirmAckEntry {
-                    guid,
-                    status: Status::UnknownMessage,
-                })
-                .collect();
-            conn.send(Frame::ConfirmAck {
-                queue_id: handle_id,
-                entries,
-            });
-        }
+        answer_unknown_confirms(&conn, handle_id, rejected);
     }
 
     fn handle_nack(&mut self, consumer: ConsumerId, queue: &str, entries: Vec<NackEntry>) {
@@ -722,11 +931,23 @@ impl Node {
         };
         let now = now_ms();
         for e in entries {
-            if let Some(part) = gids
-                .get(usize::from(e.partition))
-                .and_then(|g| self.partitions.get_mut(g))
-            {
-                part.nack(consumer, e.guid, now, u64::from(e.delay_ms));
+            let Some(&gid) = gids.get(usize::from(e.partition)) else {
+                continue;
+            };
+            match self.cluster.consumer_homes.get(&(consumer, gid)).copied() {
+                Some(home) if home != self.cfg.node_id => {
+                    let msg = crate::peer::PeerMsg::Nack {
+                        group: gid,
+                        consumer,
+                        entries: vec![(e.guid, e.delay_ms)],
+                    };
+                    self.send_peer(home, &msg);
+                }
+                _ => {
+                    if let Some(part) = self.partitions.get_mut(&gid) {
+                        part.nack(consumer, e.guid, now, u64::from(e.delay_ms));
+                    }
+                }
             }
         }
     }
@@ -742,11 +963,23 @@ impl Node {
         };
         let now = now_ms();
         for e in entries {
-            if let Some(part) = gids
-                .get(usize::from(e.partition))
-                .and_then(|g| self.partitions.get_mut(g))
-            {
-                part.extend(consumer, e.guid, now, u64::from(e.extra_ms));
+            let Some(&gid) = gids.get(usize::from(e.partition)) else {
+                continue;
+            };
+            match self.cluster.consumer_homes.get(&(consumer, gid)).copied() {
+                Some(home) if home != self.cfg.node_id => {
+                    let msg = crate::peer::PeerMsg::Extend {
+                        group: gid,
+                        consumer,
+                        entries: vec![(e.guid, e.extra_ms)],
+                    };
+                    self.send_peer(home, &msg);
+                }
+                _ => {
+                    if let Some(part) = self.partitions.get_mut(&gid) {
+                        part.extend(consumer, e.guid, now, u64::from(e.extra_ms));
+                    }
+                }
             }
         }
     }
@@ -769,6 +1002,8 @@ impl Node {
             let expired = part.expire_parked(put_timeout);
             self.pending_put_bytes = self.pending_put_bytes.saturating_sub(expired);
         }
+        self.expire_forwarded(put_timeout);
+        self.drop_dead_peers_consumers();
         self.disk.refresh();
         for part in self.partitions.values() {
             part.update_gauges(&self.metrics);
@@ -795,7 +1030,12 @@ impl Node {
         let Some(part) = self.partitions.get_mut(&gid) else {
             return Ok(false);
         };
-        let Some(out) = part.group.handle_ready()? else {
+        let Some(mut out) = part.group.handle_ready()? else {
+            return Ok(false);
+        };
+        let msgs = std::mem::take(&mut out.messages);
+        self.send_raft(gid, msgs);
+        let Some(part) = self.partitions.get_mut(&gid) else {
             return Ok(false);
         };
         if let Some(d) = out.sync_duration {
@@ -813,9 +1053,11 @@ impl Node {
     }
 
     fn process_meta_ready(&mut self) -> Result<bool, NodeError> {
-        let Some(out) = self.meta_group.handle_ready()? else {
+        let Some(mut out) = self.meta_group.handle_ready()? else {
             return Ok(false);
         };
+        let msgs = std::mem::take(&mut out.messages);
+        self.send_raft(META_GROUP_ID, msgs);
         if let Some(d) = out.sync_duration {
             self.metrics.fsync_latency.observe(d.as_secs_f64());
         }
@@ -847,7 +1089,10 @@ impl Node {
     fn apply_meta(&mut self, cmd: &MetaCommand) -> Result<MetaOutcome, NodeError> {
         let outcome = self.meta.apply(cmd);
         match &outcome {
-            MetaOutcome::Created(def) => self.open_partitions(def)?,
+            MetaOutcome::Created(def) => {
+                self.open_partitions(def)?;
+                self.campaign_if_first(def);
+            }
             MetaOutcome::Deleted(def) => self.drop_partitions(def),
             MetaOutcome::Exists(_) | MetaOutcome::NotFound => {}
         }
@@ -963,10 +1208,14 @@ impl Node {
     }
 
     fn update_ready_flag(&self) {
+        // Ready = this node can serve: the metadata group and every local partition
+        // have a leader somewhere (a coordinator forwards to it).
         let ready = !self.stopping
-            && self.meta_group.is_leader()
-            && self.meta_pending.is_empty()
-            && self.partitions.values().all(|p| p.group.is_leader());
+            && self.meta_group.leader_id().is_some()
+            && self
+                .partitions
+                .values()
+                .all(|p| p.group.leader_id().is_some());
         self.ready.store(ready, Ordering::Relaxed);
     }
 
@@ -981,11 +1230,28 @@ impl Node {
 
     // ----- admin -----------------------------------------------------------------
 
+    /// A queue creation with its placement: the proposer chooses the replicas, so every
+    /// node stores the same definition.
+    fn create_command(&self, name: String, spec: QueueSpec) -> MetaCommand {
+        let members = self.cfg.member_ids();
+        let factor = self.cfg.replication_factor.min(members.len());
+        let replicas = meta::place(&name, spec.partitions.unwrap_or(1), &members, factor);
+        MetaCommand::CreateQueue {
+            name,
+            spec,
+            now_ms: now_ms(),
+            replicas,
+        }
+    }
+
     fn handle_admin(
         &mut self,
         req: AdminRequest,
         reply: oneshot::Sender<Result<AdminReply, Rejection>>,
     ) {
+        let Some((req, reply)) = self.forward_admin(req, reply) else {
+            return;
+        };
         match req {
             AdminRequest::CreateQueue { name, spec } => {
                 if let Err(e) = meta::validate_queue_name(&name) {
@@ -1006,11 +1272,7 @@ impl Node {
                             let _ = reply.send(result);
                             return;
                         }
-                        let cmd = MetaCommand::CreateQueue {
-                            name,
-                            spec,
-                            now_ms: now_ms(),
-                        };
+                        let cmd = self.create_command(name, spec);
                         self.propose_meta(cmd, MetaWaiter::Admin(reply));
                     }
                     Err(r) => {
@@ -1320,20 +1582,52 @@ impl Node {
             .meta
             .queues()
             .flat_map(|def| {
-                def.group_ids().filter_map(|(p, gid)| {
-                    let s = self.partitions.get(&gid)?.group.status();
-                    Some(serde_json::json!({
-                        "queue": def.name, "partition": p, "group": gid,
-                        "leader": s.leader_id, "replicas": [self.cfg.node_id],
-                        "term": s.term, "commit_index": s.commit_index, "applied_index": s.applied_index,
-                        "replica_lag": {self.cfg.node_id.to_string(): 0},
-                    }))
+                def.group_ids().map(move |(p, gid)| {
+                    let replicas = def.replicas_of(p, self.cfg.node_id);
+                    match self.partitions.get(&gid) {
+                        Some(part) => {
+                            let s = part.group.status();
+                            let progress = part.group.progress();
+                            let lag: serde_json::Map<String, serde_json::Value> = progress
+                                .iter()
+                                .map(|(id, matched)| {
+                                    (id.to_string(), s.last_index.saturating_sub(*matched).into())
+                                })
+                                .collect();
+                            serde_json::json!({
+                                "queue": def.name, "partition": p, "group": gid,
+                                "leader": s.leader_id, "replicas": replicas,
+                                "term": s.term, "commit_index": s.commit_index,
+                                "applied_index": s.applied_index,
+                                "replica_lag": if lag.is_empty() { serde_json::Value::Null } else { lag.into() },
+                            })
+                        }
+                        None => serde_json::json!({
+                            "queue": def.name, "partition": p, "group": gid,
+                            "leader": self.leader_of(gid), "replicas": replicas,
+                        }),
+                    }
                 })
             })
             .collect();
+        let members = self.cfg.members().unwrap_or_default();
+        let nodes: Vec<serde_json::Value> = if members.is_empty() {
+            vec![
+                serde_json::json!({"id": self.cfg.node_id, "addr": self.cfg.listen.to_string(), "peer_addr": self.cfg.peer_listen.to_string(), "healthy": true}),
+            ]
+        } else {
+            members
+                .iter()
+                .map(|(id, addr)| {
+                    let healthy = *id == self.cfg.node_id
+                        || self.transport.as_ref().is_some_and(|t| t.is_alive(*id));
+                    serde_json::json!({"id": id, "peer_addr": addr, "healthy": healthy})
+                })
+                .collect()
+        };
         serde_json::json!({
             "node_id": self.cfg.node_id,
-            "nodes": [{"id": self.cfg.node_id, "addr": self.cfg.listen.to_string(), "peer_addr": self.cfg.peer_listen.to_string(), "healthy": true}],
+            "nodes": nodes,
             "metadata": {"leader": meta.leader_id, "term": meta.term, "commit_index": meta.commit_index},
             "partitions": groups,
         })
@@ -1374,6 +1668,41 @@ fn check_subscription(def: &QueueDef, subscription: &str) -> Result<(), String> 
     }
 }
 
+/// Answers CONFIRMs of messages the consumer does not hold with `unknown_message`.
+pub(crate) fn answer_unknown_confirms(
+    conn: &ConnTx,
+    handle_id: u32,
+    rejected: Vec<tern_proto::Guid>,
+) {
+    if rejected.is_empty() {
+        return;
+    }
+    let entries = rejected
+        .into_iter()
+        .map(|guid| tern_proto::ConfirmAckEntry {
+            guid,
+            status: Status::UnknownMessage,
+        })
+        .collect();
+    conn.send(Frame::ConfirmAck {
+        queue_id: handle_id,
+        entries,
+    });
+}
+
+/// Answers PUT messages, named by GUID, with one failure status.
+pub(crate) fn reject_guids(conn: &ConnTx, guids: &[tern_proto::Guid], status: Status) {
+    let acks = guids
+        .iter()
+        .map(|g| tern_proto::AckEntry {
+            guid: *g,
+            status,
+            flags: 0,
+        })
+        .collect();
+    conn.send(Frame::Ack { acks });
+}
+
 /// Answers every message of a PUT with the same failure status.
 pub(crate) fn reject_puts(conn: &ConnTx, messages: &[PutMessage], status: Status) {
     let acks = messages
@@ -1401,8 +1730,8 @@ pub(crate) fn group_dir(cfg: &BrokerConfig, gid: u64) -> std::path::PathBuf {
     cfg.data_dir.join("groups").join(format!("{gid:08}"))
 }
 
-fn group_config(cfg: &BrokerConfig, gid: u64, durable: bool) -> GroupConfig {
-    let mut g = GroupConfig::new(cfg.node_id, gid, group_dir(cfg, gid), vec![cfg.node_id]);
+fn group_config(cfg: &BrokerConfig, gid: u64, durable: bool, voters: Vec<u64>) -> GroupConfig {
+    let mut g = GroupConfig::new(cfg.node_id, gid, group_dir(cfg, gid), voters);
     g.durable = durable;
     g.log.segment_max_bytes = cfg.segment_max_bytes;
     g.log.cache_max_bytes = cfg.log_cache_bytes;

@@ -668,6 +668,23 @@ impl Partition {
         Ok(())
     }
 
+    /// PUTs parked here while this replica is not the leader, per origin connection, to
+    /// be forwarded to the leader elsewhere (with the time each was received).
+    pub fn take_parked(&mut self) -> Vec<(ConnTx, Vec<tern_queue::PutMessage>, Instant, u64)> {
+        let mut out = Vec::new();
+        let mut batches: Vec<PutBatch> = self.parked.drain(..).map(|(b, _)| b).collect();
+        batches.push(std::mem::take(&mut self.batch));
+        for batch in batches {
+            let mut msgs = batch.msgs.into_iter();
+            for o in batch.origins {
+                let chunk: Vec<_> = msgs.by_ref().take(o.count).collect();
+                let bytes = chunk.iter().map(|m| m.payload.len() as u64).sum();
+                out.push((o.conn, chunk, o.received, bytes));
+            }
+        }
+        out
+    }
+
     /// Answers parked PUTs older than `bound` with `timeout` (outcome unknown to the client,
     /// which may retry with the same GUID). Returns the payload bytes released.
     pub fn expire_parked(&mut self, bound: Duration) -> u64 {
@@ -1297,8 +1314,8 @@ mod tests {
         let (tx1, _r1) = flume::unbounded();
         let (tx2, _r2) = flume::unbounded();
         let now = Instant::now();
-        let a = ConnTx { id: 1, tx: tx1 };
-        let b = ConnTx { id: 2, tx: tx2 };
+        let a = ConnTx::new(1, tx1);
+        let b = ConnTx::new(2, tx2);
         let batch = PutBatch {
             msgs: (0..10).map(|i| msg(i, 100)).collect(),
             origins: vec![

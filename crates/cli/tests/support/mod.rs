@@ -31,6 +31,78 @@ pub struct Server {
     pub extra: Vec<String>,
 }
 
+/// Three (or N) `tern server` processes forming one cluster on 127.0.0.1.
+pub struct Cluster {
+    pub nodes: Vec<Server>,
+}
+
+impl Cluster {
+    pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Cluster {
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let members: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, peer))| format!("{}=127.0.0.1:{peer}", i + 1))
+            .collect();
+        let members = members.join(",");
+        let mut nodes: Vec<Server> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, http, peer))| {
+                let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                extra.extend([
+                    "--node-id".to_string(),
+                    (i + 1).to_string(),
+                    "--initial-cluster".to_string(),
+                    members.clone(),
+                ]);
+                let node_dir = dir.join(format!("node{}", i + 1));
+                std::fs::create_dir_all(&node_dir).expect("node dir");
+                Server {
+                    child: None,
+                    dir: node_dir,
+                    port: *port,
+                    http_port: *http,
+                    peer_port: *peer,
+                    extra,
+                }
+            })
+            .collect();
+        // Start all before waiting: a node is ready only once a leader is elected.
+        for n in &mut nodes {
+            n.spawn_no_wait();
+        }
+        for n in &nodes {
+            n.wait_ready();
+        }
+        Cluster { nodes }
+    }
+
+    /// `--server` value listing every node.
+    pub fn servers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.addr())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node (index) that leads group `gid`, as node `from` sees it.
+    pub fn leader_of_group(&self, from: usize, gid: u64) -> Option<usize> {
+        let (_, body) = http_get(self.nodes[from].http_port, "/v1/cluster")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["partitions"]
+            .as_array()?
+            .iter()
+            .find(|p| p["group"].as_u64() == Some(gid))
+            .and_then(|p| p["leader"].as_u64())
+            .filter(|l| *l > 0)
+            .map(|l| l as usize - 1)
+    }
+}
+
 impl Server {
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
         let mut s = Server {
@@ -50,6 +122,11 @@ impl Server {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_no_wait();
+        self.wait_ready();
+    }
+
+    pub fn spawn_no_wait(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -72,7 +149,6 @@ impl Server {
             .spawn()
             .expect("spawn tern server");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Tests run on machines with little free disk: no reserve unless a test sets one.
@@ -85,7 +161,7 @@ impl Server {
     }
 
     pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if http_get(self.http_port, "/ready")
                 .map(|(code, _)| code == 200)

@@ -1,0 +1,848 @@
+//! The node as a cluster member: Raft messages to and from peers, and the coordinator
+//! role (a client connected here can use any queue, wherever its partition leaders are).
+//!
+//! Contract (all on the node-loop thread):
+//! - Raft messages of every group go to peers through the transport right after the
+//!   Ready that produced them (persist before promise is the group's job).
+//! - Upstream, a PUT for a partition led elsewhere is kept in the coordinator's
+//!   retransmission buffer (`forwarded`, bounded by `max_pending_put_bytes` like every
+//!   PUT and by `put_timeout_ms`) and sent to the leader; it is sent again to each new
+//!   leader until its ACK passes back through here. The GUID history makes resends
+//!   safe; only the first ACK reaches the client.
+//! - Downstream, consumers of this node are attached to each partition's leader; PUSH,
+//!   ConfirmAck and ACK frames come back as `ToConn` and go to the client's socket.
+//!   A leader change re-attaches them (the new leader re-PUSHes what is unconfirmed).
+//! - A peer that stops answering loses its consumers here: their messages go back to
+//!   the queue (at-least-once).
+
+use super::{now_ms, ConnId, ConnTx, Consumer, Node, NodeCmd, QueueDef, Rejection, META_GROUP_ID};
+use crate::peer::{NodeId, PeerMsg};
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tern_proto::admin::{AdminReply, AdminRequest};
+use tern_proto::{Frame, FrameCodec, Guid, Status};
+use tern_queue::{Command, ConsumerId, FlowLimits};
+use tokio::sync::oneshot;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// How often this node tells its peers which groups it leads.
+const LEADER_GOSSIP_INTERVAL_MS: u64 = 500;
+/// A forwarded admin request unanswered for this long gets `unavailable`.
+const ADMIN_FORWARD_TIMEOUT_MS: u64 = 10_000;
+
+/// A PUT sent to a leader elsewhere, kept until its ACK passes back through here.
+pub(super) struct Forwarded {
+    pub gid: u64,
+    pub conn: ConnTx,
+    pub msg: tern_queue::PutMessage,
+    pub since: Instant,
+}
+
+/// Per group: where its forwarded PUTs were last sent.
+#[derive(Default)]
+pub(super) struct ForwardGroup {
+    pub sent_to: Option<NodeId>,
+    pub guids: HashSet<Guid>,
+}
+
+/// A peer's admin request running here: (peer, its request id, our answer).
+pub(super) type RemoteAdmin = (
+    NodeId,
+    u64,
+    oneshot::Receiver<Result<AdminReply, Rejection>>,
+);
+
+/// The coordinator's cluster-facing state.
+#[derive(Default)]
+pub(super) struct ClusterState {
+    pub forwarded: HashMap<Guid, Forwarded>,
+    pub forward_groups: HashMap<u64, ForwardGroup>,
+    /// Leaders learnt from gossip, for groups with no replica here: group → (leader, term).
+    pub leader_hints: HashMap<u64, (NodeId, u64)>,
+    /// Where each local consumer is attached per group it reads.
+    pub consumer_homes: HashMap<(ConsumerId, u64), NodeId>,
+    /// Consumers of other nodes attached here: consumer → groups.
+    pub remote_consumers: HashMap<ConsumerId, (NodeId, HashSet<u64>)>,
+    /// Client connections of this node, to deliver frames coming back from leaders.
+    pub local_conns: HashMap<ConnId, ConnTx>,
+    /// Admin requests forwarded to the metadata leader: id → (reply, deadline).
+    pub admin_waits: HashMap<u64, (oneshot::Sender<Result<AdminReply, Rejection>>, Instant)>,
+    pub next_admin_id: u64,
+    /// Admin requests of peers running here: (peer, their id, our reply channel).
+    pub remote_admin: Vec<RemoteAdmin>,
+    /// Opens waiting for a queue another node is creating: (queue, open, deadline).
+    pub opens_waiting: Vec<(String, Box<NodeCmd>, Instant)>,
+    pub last_gossip_ms: u64,
+    /// Graceful stop in progress: reply when no group is led here (or at the deadline).
+    pub releasing: Option<(oneshot::Sender<()>, Instant)>,
+    pub last_transfer: Option<Instant>,
+}
+
+impl Node {
+    pub(super) fn is_cluster(&self) -> bool {
+        self.transport.is_some()
+    }
+
+    /// Sends one message to a peer; a full or dead link drops it (Raft retries, and the
+    /// coordinator resends forwarded PUTs on leader changes).
+    pub(super) fn send_peer(&self, to: NodeId, msg: &PeerMsg) {
+        if to == self.cfg.node_id {
+            return;
+        }
+        if let Some(t) = &self.transport {
+            if let Err(e) = t.send(to, msg.encode()) {
+                tracing::debug!(peer = to, "peer send dropped: {e}");
+            }
+        }
+    }
+
+    pub(super) fn send_raft(&self, group: u64, msgs: Vec<raft::eraftpb::Message>) {
+        for msg in msgs {
+            let to = msg.to;
+            self.send_peer(to, &PeerMsg::Raft { group, msg });
+        }
+    }
+
+    /// The leader of a group as this node knows it.
+    pub(super) fn leader_of(&self, gid: u64) -> Option<NodeId> {
+        if let Some(p) = self.partitions.get(&gid) {
+            return p.group.leader_id();
+        }
+        self.cluster.leader_hints.get(&gid).map(|(l, _)| *l)
+    }
+
+    // ----- inbound -------------------------------------------------------------
+
+    pub(super) fn handle_peer(&mut self, from: NodeId, data: Bytes) {
+        let msg = match PeerMsg::decode(&data) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(peer = from, "malformed peer message dropped: {e}");
+                return;
+            }
+        };
+        match msg {
+            PeerMsg::Raft { group, msg } => self.step_raft(group, msg),
+            PeerMsg::Put { group, conn, puts } => self.remote_put(from, group, conn, puts),
+            PeerMsg::ToConn { conn, frame } => self.deliver_to_conn(conn, frame),
+            PeerMsg::Consume {
+                group,
+                consumer,
+                conn,
+                handle,
+                subscription,
+                max_msgs,
+                max_bytes,
+            } => {
+                let limits = FlowLimits {
+                    max_unconfirmed_msgs: max_msgs,
+                    max_unconfirmed_bytes: max_bytes,
+                };
+                self.remote_consume(from, group, consumer, conn, handle, &subscription, limits);
+            }
+            PeerMsg::StopConsume { group, consumer } => self.remote_stop_consume(group, consumer),
+            PeerMsg::Confirm {
+                group,
+                consumer,
+                conn,
+                handle,
+                guids,
+            } => {
+                let conn = self.remote_conn(from, conn);
+                if let Some(p) = self.partitions.get_mut(&group) {
+                    let rejected = p.enqueue_confirms(&conn, handle, consumer, guids);
+                    super::answer_unknown_confirms(&conn, handle, rejected);
+                }
+            }
+            PeerMsg::Nack {
+                group,
+                consumer,
+                entries,
+            } => {
+                let now = now_ms();
+                if let Some(p) = self.partitions.get_mut(&group) {
+                    for (guid, delay_ms) in entries {
+                        p.nack(consumer, guid, now, u64::from(delay_ms));
+                    }
+                }
+            }
+            PeerMsg::Extend {
+                group,
+                consumer,
+                entries,
+            } => {
+                let now = now_ms();
+                if let Some(p) = self.partitions.get_mut(&group) {
+                    for (guid, extra_ms) in entries {
+                        p.extend(consumer, guid, now, u64::from(extra_ms));
+                    }
+                }
+            }
+            PeerMsg::Admin { id, body } => self.remote_admin_request(from, id, &body),
+            PeerMsg::AdminReply { id, status, body } => self.admin_reply(id, status, &body),
+            PeerMsg::Leaders { groups } => {
+                for (gid, term) in groups {
+                    let newer = self
+                        .cluster
+                        .leader_hints
+                        .get(&gid)
+                        .is_none_or(|(_, t)| term >= *t);
+                    if newer {
+                        self.cluster.leader_hints.insert(gid, (from, term));
+                    }
+                }
+            }
+        }
+    }
+
+    fn step_raft(&mut self, group: u64, msg: raft::eraftpb::Message) {
+        let result = if group == META_GROUP_ID {
+            self.meta_group.step(msg)
+        } else if let Some(p) = self.partitions.get_mut(&group) {
+            p.group.step(msg)
+        } else {
+            // The queue is not known here yet (metadata still applying): Raft retries.
+            return;
+        };
+        if let Err(e) = result {
+            tracing::debug!(group, "raft step refused: {e}");
+        }
+    }
+
+    /// A connection of node `node`, as seen from here: frames go back as `ToConn`.
+    pub(super) fn remote_conn(&self, node: NodeId, conn: ConnId) -> ConnTx {
+        ConnTx::remote(node, conn, self.transport.clone(), self.cfg.max_frame_bytes)
+    }
+
+    fn remote_put(&mut self, from: NodeId, gid: u64, conn: ConnId, puts: Bytes) {
+        let cmd = match Command::decode(&puts) {
+            Ok(d) => d.command,
+            Err(e) => {
+                tracing::warn!(peer = from, "undecodable forwarded PUT dropped: {e}");
+                return;
+            }
+        };
+        let Command::Put { messages, .. } = cmd else {
+            return;
+        };
+        let conn = self.remote_conn(from, conn);
+        match self.partitions.get_mut(&gid) {
+            // Not the leader (any more): drop; the coordinator resends when it sees the
+            // new leader, and times the PUT out within its bound otherwise.
+            Some(p) if p.group.is_leader() => {
+                let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+                self.pending_put_bytes += bytes;
+                p.enqueue_puts(conn, messages, Instant::now());
+            }
+            _ => {}
+        }
+    }
+
+    /// A frame from a leader for one of this node's client connections.
+    fn deliver_to_conn(&mut self, conn: ConnId, frame: Bytes) {
+        let mut codec = FrameCodec::new(self.cfg.max_frame_bytes);
+        let mut buf = BytesMut::from(&frame[..]);
+        let frame = match codec.decode(&mut buf) {
+            Ok(Some(f)) => f,
+            _ => {
+                tracing::warn!("undecodable frame from a peer dropped");
+                return;
+            }
+        };
+        let frame = match frame {
+            Frame::Ack { acks } => {
+                // Only the first ACK of a GUID goes to the client (a resend to a new
+                // leader can produce a second one, with the same outcome).
+                let acks: Vec<_> = acks
+                    .into_iter()
+                    .filter(|a| self.take_forwarded(&a.guid))
+                    .collect();
+                if acks.is_empty() {
+                    return;
+                }
+                Frame::Ack { acks }
+            }
+            other => other,
+        };
+        if let Some(c) = self.cluster.local_conns.get(&conn) {
+            c.send(frame);
+        }
+    }
+
+    /// Removes a forwarded PUT whose ACK arrived; false if it was already answered.
+    fn take_forwarded(&mut self, guid: &Guid) -> bool {
+        let Some(f) = self.cluster.forwarded.remove(guid) else {
+            return false;
+        };
+        self.pending_put_bytes = self
+            .pending_put_bytes
+            .saturating_sub(f.msg.payload.len() as u64);
+        if let Some(g) = self.cluster.forward_groups.get_mut(&f.gid) {
+            g.guids.remove(guid);
+        }
+        true
+    }
+
+    // ----- upstream: PUT forwarding ------------------------------------------------
+
+    /// Hands PUTs for group `gid` to the local leader, or forwards them to the leader
+    /// elsewhere (keeping them until their ACK comes back).
+    pub(super) fn enqueue_or_forward(
+        &mut self,
+        gid: u64,
+        conn: ConnTx,
+        messages: Vec<tern_queue::PutMessage>,
+        received: Instant,
+    ) {
+        let local_leader = self
+            .partitions
+            .get(&gid)
+            .is_some_and(|p| p.group.is_leader());
+        let has_local = self.partitions.contains_key(&gid);
+        let leader = self.leader_of(gid);
+        let forward = self.is_cluster()
+            && conn.id != super::INTERNAL_CONN_ID
+            && !local_leader
+            && (leader.is_some_and(|l| l != self.cfg.node_id) || !has_local);
+        if !forward {
+            if let Some(p) = self.partitions.get_mut(&gid) {
+                p.enqueue_puts(conn, messages, received);
+            }
+            return;
+        }
+        self.cluster.local_conns.insert(conn.id, conn.clone());
+        let group = self.cluster.forward_groups.entry(gid).or_default();
+        for m in &messages {
+            group.guids.insert(m.guid);
+        }
+        for msg in messages {
+            self.cluster.forwarded.insert(
+                msg.guid,
+                Forwarded {
+                    gid,
+                    conn: conn.clone(),
+                    msg,
+                    since: received,
+                },
+            );
+        }
+        // Sent by `resend_forwarded` this same round, to whoever leads now.
+        if let Some(g) = self.cluster.forward_groups.get_mut(&gid) {
+            g.sent_to = None;
+        }
+    }
+
+    /// Sends every forwarded PUT of a group whose leader changed (or that was never
+    /// sent) to its current leader; a group that is now led here takes them locally.
+    pub(super) fn resend_forwarded(&mut self) {
+        self.forward_parked();
+        let gids: Vec<u64> = self.cluster.forward_groups.keys().copied().collect();
+        for gid in gids {
+            let leader = self.leader_of(gid);
+            let Some(g) = self.cluster.forward_groups.get_mut(&gid) else {
+                continue;
+            };
+            if g.guids.is_empty() {
+                self.cluster.forward_groups.remove(&gid);
+                continue;
+            }
+            if leader.is_none() || g.sent_to == leader {
+                continue;
+            }
+            g.sent_to = leader;
+            let guids: Vec<Guid> = g.guids.iter().copied().collect();
+            let Some(leader) = leader else { continue };
+            if leader == self.cfg.node_id {
+                self.take_back_forwarded(gid, guids);
+                continue;
+            }
+            self.send_forwarded(gid, leader, &guids);
+        }
+    }
+
+    /// PUTs parked at a local follower go to the leader elsewhere once one is known.
+    fn forward_parked(&mut self) {
+        if !self.is_cluster() {
+            return;
+        }
+        let me = self.cfg.node_id;
+        let gids: Vec<u64> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| !p.group.is_leader() && p.group.leader_id().is_some_and(|l| l != me))
+            .filter(|(_, p)| p.outstanding_puts() > 0)
+            .map(|(gid, _)| *gid)
+            .collect();
+        for gid in gids {
+            let Some(p) = self.partitions.get_mut(&gid) else {
+                continue;
+            };
+            for (conn, msgs, received, bytes) in p.take_parked() {
+                if conn.id == super::INTERNAL_CONN_ID {
+                    // Dead letters wait for a local leader (answered `timeout` otherwise,
+                    // then retried by their source partition).
+                    if let Some(p) = self.partitions.get_mut(&gid) {
+                        p.enqueue_puts(conn, msgs, received);
+                    }
+                    continue;
+                }
+                // Already counted in pending bytes; enqueue_or_forward keeps them counted.
+                let _ = bytes;
+                self.enqueue_or_forward(gid, conn, msgs, received);
+            }
+        }
+    }
+
+    fn send_forwarded(&self, gid: u64, leader: NodeId, guids: &[Guid]) {
+        // One message per origin connection: ACKs must find their socket.
+        let mut by_conn: BTreeMap<ConnId, Vec<tern_queue::PutMessage>> = BTreeMap::new();
+        for g in guids {
+            if let Some(f) = self.cluster.forwarded.get(g) {
+                by_conn.entry(f.conn.id).or_default().push(f.msg.clone());
+            }
+        }
+        for (conn, msgs) in by_conn {
+            let puts = Command::encode_put(now_ms(), &msgs);
+            self.send_peer(
+                leader,
+                &PeerMsg::Put {
+                    group: gid,
+                    conn,
+                    puts,
+                },
+            );
+        }
+    }
+
+    /// This node became the leader of a group it had forwarded PUTs for.
+    fn take_back_forwarded(&mut self, gid: u64, guids: Vec<Guid>) {
+        for g in guids {
+            if let Some(f) = self.cluster.forwarded.remove(&g) {
+                if let Some(fg) = self.cluster.forward_groups.get_mut(&gid) {
+                    fg.guids.remove(&g);
+                }
+                if let Some(p) = self.partitions.get_mut(&gid) {
+                    // Bytes stay counted: the local partition releases them on answer.
+                    p.enqueue_puts(f.conn, vec![f.msg], f.since);
+                }
+            }
+        }
+    }
+
+    /// Forwarded PUTs older than the PUT timeout are answered `timeout` (outcome unknown:
+    /// the client may retry with the same GUID to learn it).
+    pub(super) fn expire_forwarded(&mut self, bound: Duration) {
+        let expired: Vec<Guid> = self
+            .cluster
+            .forwarded
+            .iter()
+            .filter(|(_, f)| f.since.elapsed() >= bound)
+            .map(|(g, _)| *g)
+            .collect();
+        for g in expired {
+            let conn = self.cluster.forwarded.get(&g).map(|f| f.conn.clone());
+            if self.take_forwarded(&g) {
+                if let Some(conn) = conn {
+                    super::reject_guids(&conn, &[g], Status::Timeout);
+                }
+            }
+        }
+    }
+
+    // ----- downstream: consumers ---------------------------------------------------
+
+    /// Attaches a local consumer to each partition's leader elsewhere (and detaches it
+    /// from a leader that no longer leads). Runs every round; cheap when nothing moved.
+    pub(super) fn home_consumers(&mut self) {
+        if !self.is_cluster() {
+            return;
+        }
+        let mut moves = Vec::new();
+        for (id, c) in &self.consumers {
+            if super::is_remote_consumer(*id, self.cfg.node_id) {
+                continue;
+            }
+            let Some(def) = self.meta.queue(&c.queue) else {
+                continue;
+            };
+            for (_, gid) in def.group_ids() {
+                let leader = self.leader_of(gid);
+                let home = self.cluster.consumer_homes.get(&(*id, gid)).copied();
+                if leader.is_some() && leader != home {
+                    moves.push((*id, gid, home, leader));
+                }
+            }
+        }
+        for (id, gid, old, new) in moves {
+            let Some(new) = new else { continue };
+            if let Some(old) = old.filter(|o| *o != self.cfg.node_id) {
+                self.send_peer(
+                    old,
+                    &PeerMsg::StopConsume {
+                        group: gid,
+                        consumer: id,
+                    },
+                );
+            }
+            self.cluster.consumer_homes.insert((id, gid), new);
+            if new == self.cfg.node_id {
+                continue; // the local partition has it already
+            }
+            let Some(c) = self.consumers.get(&id) else {
+                continue;
+            };
+            let msg = PeerMsg::Consume {
+                group: gid,
+                consumer: id,
+                conn: c.conn.id,
+                handle: c.handle_id,
+                subscription: c.subscription.clone(),
+                max_msgs: c.limits.max_unconfirmed_msgs,
+                max_bytes: c.limits.max_unconfirmed_bytes,
+            };
+            self.send_peer(new, &msg);
+        }
+    }
+
+    /// A local consumer left: detach it from every leader elsewhere.
+    pub(super) fn unhome_consumer(&mut self, id: ConsumerId) {
+        let homes: Vec<((ConsumerId, u64), NodeId)> = self
+            .cluster
+            .consumer_homes
+            .iter()
+            .filter(|((c, _), _)| *c == id)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for ((c, gid), node) in homes {
+            self.cluster.consumer_homes.remove(&(c, gid));
+            self.send_peer(
+                node,
+                &PeerMsg::StopConsume {
+                    group: gid,
+                    consumer: c,
+                },
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remote_consume(
+        &mut self,
+        from: NodeId,
+        gid: u64,
+        consumer: ConsumerId,
+        conn: ConnId,
+        handle: u32,
+        subscription: &str,
+        limits: FlowLimits,
+    ) {
+        let Some(p) = self.partitions.get_mut(&gid) else {
+            return;
+        };
+        p.add_consumer(consumer, subscription, limits);
+        let queue = p.queue.clone();
+        let entry = self
+            .cluster
+            .remote_consumers
+            .entry(consumer)
+            .or_insert_with(|| (from, HashSet::new()));
+        entry.1.insert(gid);
+        let conn = self.remote_conn(from, conn);
+        self.consumers.insert(
+            consumer,
+            Consumer {
+                conn,
+                handle_id: handle,
+                queue,
+                subscription: subscription.to_owned(),
+                limits,
+            },
+        );
+    }
+
+    fn remote_stop_consume(&mut self, gid: u64, consumer: ConsumerId) {
+        if let Some(p) = self.partitions.get_mut(&gid) {
+            p.remove_consumer(consumer);
+        }
+        if let Some((_, groups)) = self.cluster.remote_consumers.get_mut(&consumer) {
+            groups.remove(&gid);
+            if groups.is_empty() {
+                self.cluster.remote_consumers.remove(&consumer);
+                self.consumers.remove(&consumer);
+            }
+        }
+    }
+
+    /// Consumers of a peer that stopped answering give their messages back.
+    pub(super) fn drop_dead_peers_consumers(&mut self) {
+        let Some(t) = &self.transport else { return };
+        let dead: Vec<(ConsumerId, Vec<u64>)> = self
+            .cluster
+            .remote_consumers
+            .iter()
+            .filter(|(_, (node, _))| !t.is_alive(*node))
+            .map(|(c, (_, groups))| (*c, groups.iter().copied().collect()))
+            .collect();
+        for (c, groups) in dead {
+            for gid in groups {
+                self.remote_stop_consume(gid, c);
+            }
+        }
+    }
+
+    // ----- admin -------------------------------------------------------------------
+
+    /// Runs an admin request on the metadata leader when this node is not it.
+    /// Returns the request back if it should run here.
+    pub(super) fn forward_admin(
+        &mut self,
+        req: AdminRequest,
+        reply: oneshot::Sender<Result<AdminReply, Rejection>>,
+    ) -> Option<(AdminRequest, oneshot::Sender<Result<AdminReply, Rejection>>)> {
+        let needs_meta_leader = matches!(
+            req,
+            AdminRequest::CreateQueue { .. } | AdminRequest::DeleteQueue { .. }
+        );
+        if !self.is_cluster() || !needs_meta_leader || self.meta_group.is_leader() {
+            return Some((req, reply));
+        }
+        let Some(leader) = self.meta_group.leader_id() else {
+            let _ = reply.send(Err(Rejection::new(
+                Status::Unavailable,
+                "the cluster has no metadata leader right now; retry",
+            )));
+            return None;
+        };
+        let body = match serde_json::to_vec(&req) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                let _ = reply.send(Err(Rejection::new(Status::Internal, e.to_string())));
+                return None;
+            }
+        };
+        self.cluster.next_admin_id += 1;
+        let id = self.cluster.next_admin_id;
+        let deadline = Instant::now() + Duration::from_millis(ADMIN_FORWARD_TIMEOUT_MS);
+        self.cluster.admin_waits.insert(id, (reply, deadline));
+        self.send_peer(leader, &PeerMsg::Admin { id, body });
+        None
+    }
+
+    fn remote_admin_request(&mut self, from: NodeId, id: u64, body: &[u8]) {
+        let (tx, rx) = oneshot::channel();
+        match serde_json::from_slice::<AdminRequest>(body) {
+            Ok(req) => self.handle_admin(req, tx),
+            Err(e) => {
+                let _ = tx.send(Err(Rejection::new(
+                    Status::InvalidArgument,
+                    format!("bad admin request: {e}"),
+                )));
+            }
+        }
+        self.cluster.remote_admin.push((from, id, rx));
+    }
+
+    fn admin_reply(&mut self, id: u64, status: u16, body: &[u8]) {
+        let Some((reply, _)) = self.cluster.admin_waits.remove(&id) else {
+            return;
+        };
+        let result = if status == 0 {
+            serde_json::from_slice::<AdminReply>(body)
+                .map_err(|e| Rejection::new(Status::Internal, e.to_string()))
+        } else {
+            let status = Status::from_u16(status).unwrap_or(Status::Internal);
+            Err(Rejection::new(
+                status,
+                String::from_utf8_lossy(body).into_owned(),
+            ))
+        };
+        let _ = reply.send(result);
+    }
+
+    /// Sends back the answers of peers' admin requests that completed; times out ours.
+    pub(super) fn poll_admin(&mut self) {
+        let mut still = Vec::new();
+        for (from, id, mut rx) in std::mem::take(&mut self.cluster.remote_admin) {
+            match rx.try_recv() {
+                Ok(result) => {
+                    let (status, body) = match result {
+                        Ok(reply) => (0, serde_json::to_vec(&reply).unwrap_or_default()),
+                        Err(r) => (r.status as u16, r.message.into_bytes()),
+                    };
+                    self.send_peer(
+                        from,
+                        &PeerMsg::AdminReply {
+                            id,
+                            status,
+                            body: Bytes::from(body),
+                        },
+                    );
+                }
+                Err(oneshot::error::TryRecvError::Empty) => still.push((from, id, rx)),
+                Err(oneshot::error::TryRecvError::Closed) => {}
+            }
+        }
+        self.cluster.remote_admin = still;
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .cluster
+            .admin_waits
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some((reply, _)) = self.cluster.admin_waits.remove(&id) {
+                let _ = reply.send(Err(Rejection::new(
+                    Status::Unavailable,
+                    "the metadata leader did not answer in time; retry",
+                )));
+            }
+        }
+        let waiting = std::mem::take(&mut self.cluster.opens_waiting);
+        for (queue, open, deadline) in waiting {
+            if self.meta.queue(&queue).is_some() {
+                self.handle_open(*open);
+            } else if deadline <= now {
+                if let NodeCmd::Open { reply, .. } = *open {
+                    let _ = reply.send(Err(Rejection::new(
+                        Status::Unavailable,
+                        format!("queue {queue:?} was not created in time; retry"),
+                    )));
+                }
+            } else {
+                self.cluster.opens_waiting.push((queue, open, deadline));
+            }
+        }
+    }
+
+    /// Auto-create from a node that is not the metadata leader: ask the leader, and open
+    /// once the definition has been applied here.
+    pub(super) fn create_remotely_then_open(&mut self, def_spec: AdminRequest, open: NodeCmd) {
+        let (tx, _rx) = oneshot::channel();
+        // The reply itself is not needed: the open proceeds when the queue appears.
+        if let Some((req, reply)) = self.forward_admin(def_spec, tx) {
+            self.handle_admin(req, reply);
+        }
+        let queue = match &open {
+            NodeCmd::Open { queue, .. } => queue.clone(),
+            _ => return,
+        };
+        let deadline = Instant::now() + Duration::from_millis(ADMIN_FORWARD_TIMEOUT_MS);
+        self.cluster
+            .opens_waiting
+            .push((queue, Box::new(open), deadline));
+    }
+
+    // ----- graceful stop -------------------------------------------------------------
+
+    /// While releasing: asks every group led here to move to its most caught-up live
+    /// follower (again every second, since a transfer can fail), and answers when done.
+    pub(super) fn release_leadership(&mut self) {
+        let Some((_, deadline)) = &self.cluster.releasing else {
+            return;
+        };
+        let led: Vec<u64> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| p.group.is_leader() && p.group.voters().len() > 1)
+            .map(|(gid, _)| *gid)
+            .chain(
+                (self.meta_group.is_leader() && self.meta_group.voters().len() > 1)
+                    .then_some(META_GROUP_ID),
+            )
+            .collect();
+        if led.is_empty() || Instant::now() >= *deadline {
+            if let Some((reply, _)) = self.cluster.releasing.take() {
+                if !led.is_empty() {
+                    tracing::warn!(
+                        groups = led.len(),
+                        "graceful stop: some groups still led here"
+                    );
+                }
+                let _ = reply.send(());
+            }
+            return;
+        }
+        let due = self
+            .cluster
+            .last_transfer
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if !due {
+            return;
+        }
+        self.cluster.last_transfer = Some(Instant::now());
+        for gid in led {
+            let group = if gid == META_GROUP_ID {
+                &mut self.meta_group
+            } else if let Some(p) = self.partitions.get_mut(&gid) {
+                &mut p.group
+            } else {
+                continue;
+            };
+            let me = self.cfg.node_id;
+            let alive = |id: u64| self.transport.as_ref().is_some_and(|t| t.is_alive(id));
+            let target = group
+                .progress()
+                .into_iter()
+                .filter(|(id, _)| *id != me && alive(*id))
+                .max_by_key(|(_, matched)| *matched)
+                .map(|(id, _)| id);
+            if let Some(to) = target {
+                group.transfer_leader(to);
+            }
+        }
+    }
+
+    // ----- gossip ------------------------------------------------------------------
+
+    /// Tells every peer which groups this node leads (for nodes without a replica).
+    pub(super) fn gossip_leaders(&mut self) {
+        let Some(t) = &self.transport else { return };
+        let now = now_ms();
+        if now < self.cluster.last_gossip_ms + LEADER_GOSSIP_INTERVAL_MS {
+            return;
+        }
+        self.cluster.last_gossip_ms = now;
+        let mut groups: Vec<(u64, u64)> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| p.group.is_leader())
+            .map(|(gid, p)| (*gid, p.group.term()))
+            .collect();
+        if self.meta_group.is_leader() {
+            groups.push((META_GROUP_ID, self.meta_group.term()));
+        }
+        let msg = PeerMsg::Leaders { groups }.encode();
+        for peer in t.peers() {
+            if peer.id != self.cfg.node_id {
+                let _ = t.send(peer.id, msg.clone());
+            }
+        }
+    }
+
+    /// Starts elections in new multi-voter groups where this node is the first replica,
+    /// so leaders spread over the nodes and a new queue serves without waiting for an
+    /// election timeout.
+    pub(super) fn campaign_if_first(&mut self, def: &QueueDef) {
+        for (p, gid) in def.group_ids() {
+            let replicas = def.replicas_of(p, self.cfg.node_id);
+            if replicas.first() == Some(&self.cfg.node_id) && replicas.len() > 1 {
+                if let Some(part) = self.partitions.get_mut(&gid) {
+                    if let Err(e) = part.group.campaign() {
+                        tracing::debug!(gid, "campaign failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Encodes a client frame for a `ToConn` message.
+pub(super) fn encode_frame(frame: Frame, max_frame_bytes: u32) -> Option<Bytes> {
+    let mut codec = FrameCodec::new(max_frame_bytes);
+    let mut buf = BytesMut::new();
+    codec.encode(frame, &mut buf).ok()?;
+    Some(buf.freeze())
+}

@@ -1,0 +1,208 @@
+//! A three-node cluster of real `tern server` processes on 127.0.0.1: any node
+//! coordinates any queue, and killing or pausing a partition leader under load loses
+//! no ACKed message (checked with the history checker).
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use support::*;
+
+fn producer(servers: &str, queue: &str, count: u32) -> Child {
+    Command::new(tern())
+        .args([
+            "produce",
+            "--queue",
+            queue,
+            "--count",
+            &count.to_string(),
+            "--size",
+            "200",
+            "--json",
+            "--max-in-flight",
+            "500",
+            "--server",
+            servers,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("producer")
+}
+
+fn drain(server: &str, queue: &str, h: &mut History) {
+    let out = run(
+        server,
+        &[
+            "consume",
+            "--queue",
+            queue,
+            "--idle-timeout",
+            "3s",
+            "--max-unconfirmed",
+            "5000",
+            "--json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    h.add_consume_output(&out.stdout);
+}
+
+fn create(server: &str, queue: &str, partitions: &str) {
+    let out = run(
+        server,
+        &[
+            "queue",
+            "create",
+            queue,
+            "--partitions",
+            partitions,
+            "--json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Raft group of partition 0 of `queue`, as the cluster status shows it.
+fn group_of(c: &Cluster, queue: &str) -> u64 {
+    let (_, body) = http_get(c.nodes[0].http_port, "/v1/cluster").expect("cluster status");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .find(|p| p["queue"] == queue && p["partition"] == 0)
+        .and_then(|p| p["group"].as_u64())
+        .expect("group of the queue")
+}
+
+/// Waits (bounded) until node `from` knows a leader of group `gid`.
+fn wait_leader(c: &Cluster, from: usize, gid: u64) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if let Some(l) = c.leader_of_group(from, gid) {
+            return l;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no leader for group {gid} within 15 s");
+}
+
+#[test]
+fn any_node_coordinates_any_queue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(dir.path(), 3, &[]);
+    create(&c.nodes[0].addr(), "spread", "3");
+    let (_, body) = http_get(c.nodes[1].http_port, "/v1/cluster").expect("status");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        status["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
+    for p in status["partitions"].as_array().expect("partitions") {
+        assert_eq!(p["replicas"].as_array().map(Vec::len), Some(3), "{status}");
+    }
+    // Produce through node 2, consume through node 3: both forward to the leaders.
+    let input: String = (0..600).map(|i| format!("m{i}\n")).collect();
+    let out = run(
+        &c.nodes[1].addr(),
+        &["produce", "--queue", "spread", "--json"],
+        Some(&input),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut h = History::default();
+    h.add_produce_output(&out.stdout);
+    assert_eq!(h.puts.len(), 600);
+    drain(&c.nodes[2].addr(), "spread", &mut h);
+    let v = h.check();
+    assert_eq!(
+        v,
+        Verdict {
+            lost: 0,
+            unexpected: 0,
+            duplicated: 0,
+            recovered: 0
+        }
+    );
+}
+
+#[test]
+fn killing_the_partition_leader_under_load_loses_no_acked_message() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(dir.path(), 3, &[]);
+    create(&c.nodes[0].addr(), "orders", "1");
+    let gid = group_of(&c, "orders");
+    let leader = wait_leader(&c, 0, gid);
+    let producer = producer(&c.servers(), "orders", 20_000);
+    std::thread::sleep(Duration::from_millis(1500));
+    c.nodes[leader].kill9();
+    let out = producer.wait_with_output().expect("producer output");
+    let mut h = History::default();
+    h.add_produce_output(&out.stdout);
+    assert_eq!(
+        h.puts.len(),
+        20_000,
+        "every PUT got exactly one ACK: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = h.puts.values().filter(|s| s.as_str() == "ok").count();
+    c.nodes[leader].spawn();
+    let other = (leader + 1) % 3;
+    drain(&c.nodes[other].addr(), "orders", &mut h);
+    let v = h.check();
+    eprintln!("leader killed under load: {ok} ok of 20000, verdict {v:?}");
+    assert_eq!(v.lost, 0, "ACKed messages lost");
+    assert_eq!(v.unexpected, 0, "messages nobody produced");
+    assert!(ok >= 19_000, "failover should be invisible; only {ok} ok");
+}
+
+#[test]
+fn a_paused_leader_is_replaced_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(dir.path(), 3, &[]);
+    create(&c.nodes[0].addr(), "paused", "1");
+    let gid = group_of(&c, "paused");
+    let leader = wait_leader(&c, 0, gid);
+    let pid = c.nodes[leader]
+        .child
+        .as_ref()
+        .map(|ch| ch.id())
+        .expect("pid");
+    let producer = producer(&c.servers(), "paused", 10_000);
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(pid, "STOP");
+    // Longer than the election timeout (10 ticks of 100 ms).
+    std::thread::sleep(Duration::from_millis(3000));
+    let other = (leader + 1) % 3;
+    let new_leader = c.leader_of_group(other, gid);
+    signal(pid, "CONT");
+    assert!(
+        new_leader.is_some_and(|l| l != leader),
+        "a new leader was elected while the old one was paused ({new_leader:?})"
+    );
+    let out = producer.wait_with_output().expect("producer output");
+    let mut h = History::default();
+    h.add_produce_output(&out.stdout);
+    assert_eq!(h.puts.len(), 10_000);
+    let ok = h.puts.values().filter(|s| s.as_str() == "ok").count();
+    drain(&c.nodes[other].addr(), "paused", &mut h);
+    let v = h.check();
+    eprintln!("leader paused under load: {ok} ok of 10000, verdict {v:?}");
+    assert_eq!(v.lost, 0);
+    assert_eq!(v.unexpected, 0);
+}
