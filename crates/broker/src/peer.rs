@@ -35,6 +35,8 @@ pub enum PeerMsg {
     Consume {
         group: u64,
         consumer: u64,
+        /// The sender's process incarnation: a restarted node's old consumers are dropped.
+        incarnation: u64,
         conn: u64,
         handle: u32,
         subscription: String,
@@ -67,8 +69,11 @@ pub enum PeerMsg {
     Admin { id: u64, body: Bytes },
     /// Metadata leader → asker: the answer (`status` 0 = ok; body JSON).
     AdminReply { id: u64, status: u16, body: Bytes },
-    /// Gossip: the groups the sender leads, with their terms.
-    Leaders { groups: Vec<(u64, u64)> },
+    /// Gossip: the sender's incarnation and the groups it leads, with their terms.
+    Leaders {
+        incarnation: u64,
+        groups: Vec<(u64, u64)>,
+    },
 }
 
 const T_RAFT: u8 = 1;
@@ -123,6 +128,7 @@ impl PeerMsg {
             PeerMsg::Consume {
                 group,
                 consumer,
+                incarnation,
                 conn,
                 handle,
                 subscription,
@@ -132,6 +138,7 @@ impl PeerMsg {
                 b.put_u8(T_CONSUME);
                 b.put_u64(*group);
                 b.put_u64(*consumer);
+                b.put_u64(*incarnation);
                 b.put_u64(*conn);
                 b.put_u32(*handle);
                 put_str(&mut b, subscription);
@@ -194,8 +201,12 @@ impl PeerMsg {
                 b.put_u16(*status);
                 put_bytes(&mut b, body);
             }
-            PeerMsg::Leaders { groups } => {
+            PeerMsg::Leaders {
+                incarnation,
+                groups,
+            } => {
                 b.put_u8(T_LEADERS);
+                b.put_u64(*incarnation);
                 b.put_u32(groups.len() as u32);
                 for (g, term) in groups {
                     b.put_u64(*g);
@@ -228,6 +239,7 @@ impl PeerMsg {
             T_CONSUME => PeerMsg::Consume {
                 group: r.u64()?,
                 consumer: r.u64()?,
+                incarnation: r.u64()?,
                 conn: r.u64()?,
                 handle: r.u32()?,
                 subscription: r.str()?,
@@ -277,12 +289,16 @@ impl PeerMsg {
                 body: r.bytes()?,
             },
             T_LEADERS => {
+                let incarnation = r.u64()?;
                 let n = r.count(16)?;
                 let mut groups = Vec::with_capacity(n);
                 for _ in 0..n {
                     groups.push((r.u64()?, r.u64()?));
                 }
-                PeerMsg::Leaders { groups }
+                PeerMsg::Leaders {
+                    incarnation,
+                    groups,
+                }
             }
             other => return Err(PeerMsgError::UnknownTag(other)),
         };
@@ -390,6 +406,7 @@ mod tests {
             PeerMsg::Consume {
                 group: 4,
                 consumer: 1 << 48 | 5,
+                incarnation: 77,
                 conn: 9,
                 handle: 2,
                 subscription: "billing".into(),
@@ -427,6 +444,7 @@ mod tests {
                 body: Bytes::from_static(b"{}"),
             },
             PeerMsg::Leaders {
+                incarnation: 77,
                 groups: vec![(0, 3), (5, 4)],
             },
         ]
@@ -454,6 +472,7 @@ mod tests {
         // A huge count with no bytes behind it allocates nothing.
         let mut b = BytesMut::new();
         b.put_u8(T_LEADERS);
+        b.put_u64(1);
         b.put_u32(u32::MAX);
         assert_eq!(PeerMsg::decode(&b.freeze()), Err(PeerMsgError::Truncated));
     }

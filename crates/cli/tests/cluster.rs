@@ -206,3 +206,63 @@ fn a_paused_leader_is_replaced_and_loses_nothing() {
     assert_eq!(v.lost, 0);
     assert_eq!(v.unexpected, 0);
 }
+
+#[test]
+fn a_rolling_sigterm_restart_under_load_fails_no_ack() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(dir.path(), 3, &[]);
+    create(&c.nodes[0].addr(), "rolling", "2");
+    let gid = group_of(&c, "rolling");
+    wait_leader(&c, 0, gid);
+    wait_leader(&c, 0, gid + 1);
+    let producer = producer(&c.servers(), "rolling", 30_000);
+    // A consumer on its own node list, reading while nodes restart.
+    let consumer = Command::new(tern())
+        .args([
+            "consume",
+            "--queue",
+            "rolling",
+            "--idle-timeout",
+            "6s",
+            "--json",
+            "--server",
+            &c.servers(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("consumer");
+    std::thread::sleep(Duration::from_millis(800));
+    for i in 0..3 {
+        let status = c.nodes[i].sigterm();
+        assert!(status.success(), "node {} stopped with {status}", i + 1);
+        c.nodes[i].spawn();
+        // Let the restarted node catch up before the next one goes.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = producer.wait_with_output().expect("producer output");
+    let mut h = History::default();
+    h.add_produce_output(&out.stdout);
+    assert_eq!(h.puts.len(), 30_000);
+    let failed: Vec<String> = h
+        .puts
+        .values()
+        .filter(|s| s.as_str() != "ok")
+        .cloned()
+        .collect();
+    let consumed = consumer.wait_with_output().expect("consumer output");
+    h.add_consume_output(&consumed.stdout);
+    drain(&c.nodes[0].addr(), "rolling", &mut h);
+    let v = h.check();
+    eprintln!(
+        "rolling restart: {} failed ACKs, verdict {v:?}; producer: {}",
+        failed.len(),
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    assert!(failed.is_empty(), "failed ACKs during a rolling restart");
+    assert_eq!(v.lost, 0);
+    assert_eq!(v.unexpected, 0);
+}

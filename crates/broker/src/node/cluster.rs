@@ -62,8 +62,13 @@ pub(super) struct ClusterState {
     pub leader_hints: HashMap<u64, (NodeId, u64)>,
     /// Where each local consumer is attached per group it reads.
     pub consumer_homes: HashMap<(ConsumerId, u64), NodeId>,
-    /// Consumers of other nodes attached here: consumer → groups.
-    pub remote_consumers: HashMap<ConsumerId, (NodeId, HashSet<u64>)>,
+    /// Consumers of other nodes attached here: consumer → (node, its incarnation, groups).
+    pub remote_consumers: HashMap<ConsumerId, (NodeId, u64, HashSet<u64>)>,
+    /// The latest incarnation seen per peer: a new one means the peer restarted, and
+    /// the consumers its previous process attached here are gone.
+    pub peer_incarnations: HashMap<NodeId, u64>,
+    /// This process's incarnation (its start time in ms).
+    pub incarnation: u64,
     /// Client connections of this node, to deliver frames coming back from leaders.
     pub local_conns: HashMap<ConnId, ConnTx>,
     /// Admin requests forwarded to the metadata leader: id → (reply, deadline).
@@ -129,6 +134,7 @@ impl Node {
             PeerMsg::Consume {
                 group,
                 consumer,
+                incarnation,
                 conn,
                 handle,
                 subscription,
@@ -139,7 +145,9 @@ impl Node {
                     max_unconfirmed_msgs: max_msgs,
                     max_unconfirmed_bytes: max_bytes,
                 };
-                self.remote_consume(from, group, consumer, conn, handle, &subscription, limits);
+                self.note_incarnation(from, incarnation);
+                let origin = (from, incarnation, conn, handle);
+                self.remote_consume(origin, group, consumer, &subscription, limits);
             }
             PeerMsg::StopConsume { group, consumer } => self.remote_stop_consume(group, consumer),
             PeerMsg::Confirm {
@@ -181,7 +189,11 @@ impl Node {
             }
             PeerMsg::Admin { id, body } => self.remote_admin_request(from, id, &body),
             PeerMsg::AdminReply { id, status, body } => self.admin_reply(id, status, &body),
-            PeerMsg::Leaders { groups } => {
+            PeerMsg::Leaders {
+                incarnation,
+                groups,
+            } => {
+                self.note_incarnation(from, incarnation);
                 for (gid, term) in groups {
                     let newer = self
                         .cluster
@@ -495,6 +507,7 @@ impl Node {
             let msg = PeerMsg::Consume {
                 group: gid,
                 consumer: id,
+                incarnation: self.cluster.incarnation,
                 conn: c.conn.id,
                 handle: c.handle_id,
                 subscription: c.subscription.clone(),
@@ -526,17 +539,37 @@ impl Node {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A peer's incarnation changed: it restarted, and the consumers its previous
+    /// process attached here are gone (their messages go back to the queue).
+    fn note_incarnation(&mut self, from: NodeId, incarnation: u64) {
+        let previous = self.cluster.peer_incarnations.insert(from, incarnation);
+        if previous.is_none_or(|p| p == incarnation) {
+            return;
+        }
+        let stale: Vec<(ConsumerId, Vec<u64>)> = self
+            .cluster
+            .remote_consumers
+            .iter()
+            .filter(|(_, (node, inc, _))| *node == from && *inc != incarnation)
+            .map(|(c, (_, _, groups))| (*c, groups.iter().copied().collect()))
+            .collect();
+        for (c, groups) in stale {
+            for gid in groups {
+                self.remote_stop_consume(gid, c);
+            }
+        }
+    }
+
+    /// Attaches consumer `consumer` of (node, incarnation, conn, handle) to a partition led here.
     fn remote_consume(
         &mut self,
-        from: NodeId,
+        origin: (NodeId, u64, ConnId, u32),
         gid: u64,
         consumer: ConsumerId,
-        conn: ConnId,
-        handle: u32,
         subscription: &str,
         limits: FlowLimits,
     ) {
+        let (from, incarnation, conn, handle) = origin;
         let Some(p) = self.partitions.get_mut(&gid) else {
             return;
         };
@@ -546,8 +579,8 @@ impl Node {
             .cluster
             .remote_consumers
             .entry(consumer)
-            .or_insert_with(|| (from, HashSet::new()));
-        entry.1.insert(gid);
+            .or_insert_with(|| (from, incarnation, HashSet::new()));
+        entry.2.insert(gid);
         let conn = self.remote_conn(from, conn);
         self.consumers.insert(
             consumer,
@@ -565,7 +598,7 @@ impl Node {
         if let Some(p) = self.partitions.get_mut(&gid) {
             p.remove_consumer(consumer);
         }
-        if let Some((_, groups)) = self.cluster.remote_consumers.get_mut(&consumer) {
+        if let Some((_, _, groups)) = self.cluster.remote_consumers.get_mut(&consumer) {
             groups.remove(&gid);
             if groups.is_empty() {
                 self.cluster.remote_consumers.remove(&consumer);
@@ -581,8 +614,8 @@ impl Node {
             .cluster
             .remote_consumers
             .iter()
-            .filter(|(_, (node, _))| !t.is_alive(*node))
-            .map(|(c, (_, groups))| (*c, groups.iter().copied().collect()))
+            .filter(|(_, (node, _, _))| !t.is_alive(*node))
+            .map(|(c, (_, _, groups))| (*c, groups.iter().copied().collect()))
             .collect();
         for (c, groups) in dead {
             for gid in groups {
@@ -814,7 +847,11 @@ impl Node {
         if self.meta_group.is_leader() {
             groups.push((META_GROUP_ID, self.meta_group.term()));
         }
-        let msg = PeerMsg::Leaders { groups }.encode();
+        let msg = PeerMsg::Leaders {
+            incarnation: self.cluster.incarnation,
+            groups,
+        }
+        .encode();
         for peer in t.peers() {
             if peer.id != self.cfg.node_id {
                 let _ = t.send(peer.id, msg.clone());

@@ -433,8 +433,9 @@ impl Node {
             None => MetaState::new(),
         };
         meta_group.campaign_if_sole_voter()?;
-        // Ids made here carry the node id in their top bits (unique cluster-wide).
-        let first_id = (cfg.node_id << NODE_ID_SHIFT) + 1;
+        // Ids made here carry the node id in their top bits (unique cluster-wide) and
+        // start from the clock, so a restarted node does not reuse its old ids.
+        let first_id = (cfg.node_id << NODE_ID_SHIFT) + ((now_ms() & 0xffff) << 24) + 1;
         let disk = DiskGuard::new(cfg.data_dir.clone(), cfg.min_free_disk_bytes);
         // Bounded by construction: at most MAX_DEAD_LETTERS_IN_FLIGHT ACKs per partition.
         let (internal, internal_rx) = flume::unbounded();
@@ -458,7 +459,10 @@ impl Node {
             disk,
             stopping: false,
             transport,
-            cluster: cluster::ClusterState::default(),
+            cluster: cluster::ClusterState {
+                incarnation: now_ms(),
+                ..Default::default()
+            },
         };
         let defs: Vec<QueueDef> = node.meta.queues().cloned().collect();
         for def in &defs {
