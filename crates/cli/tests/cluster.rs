@@ -266,3 +266,83 @@ fn a_rolling_sigterm_restart_under_load_fails_no_ack() {
     assert_eq!(v.lost, 0);
     assert_eq!(v.unexpected, 0);
 }
+
+/// Replicas that were down while the leader compacted its log catch up from its
+/// snapshot (state plus the entries still holding unsettled payloads), keep compacting
+/// on their own, and then serve every unsettled message without the old leader.
+#[test]
+fn replicas_behind_the_leaders_compaction_catch_up_from_its_snapshot() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let small = [
+        "--snapshot-interval-bytes",
+        "1048576",
+        "--segment-max-bytes",
+        "1048576",
+    ];
+    let mut c = Cluster::start(dir.path(), 3, &small);
+    create(&c.nodes[0].addr(), "behind", "1");
+    let gid = group_of(&c, "behind");
+    let leader = wait_leader(&c, 0, gid);
+    let (f, g) = ((leader + 1) % 3, (leader + 2) % 3);
+    let mut h = History::default();
+    // Round 1 without F, round 2 without G: each misses several snapshots and
+    // released segments, and must install the leader's snapshot when it returns.
+    for away in [f, g] {
+        c.nodes[away].kill9();
+        produce_settle_produce(&c.nodes[leader].addr(), &mut h);
+        c.nodes[away].spawn();
+        wait_for_log(&c.nodes[away], "installed a snapshot");
+    }
+    // Let the appends after the last snapshot reach both, then lose the only full copy.
+    std::thread::sleep(Duration::from_millis(1000));
+    c.nodes[leader].kill9();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.leader_of_group(f, gid).is_none_or(|l| l == leader) {
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drain(&c.nodes[f].addr(), "behind", &mut h);
+    let v = h.check();
+    eprintln!("catch-up from snapshot: verdict {v:?}");
+    assert_eq!(h.puts.len(), 2 * 5000);
+    assert_eq!(v.lost, 0, "ACKed messages lost");
+    assert_eq!(v.unexpected, 0);
+}
+
+/// ~4 MB of PUTs, 1500 of them consumed, then ~1 MB more so a snapshot records the settles.
+fn produce_settle_produce(server: &str, h: &mut History) {
+    for (count, consume) in [("4000", "1500"), ("1000", "")] {
+        let args = [
+            "produce", "--queue", "behind", "--count", count, "--size", "1000", "--json",
+        ];
+        let out = run(server, &args, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        h.add_produce_output(&out.stdout);
+        if !consume.is_empty() {
+            let args = ["consume", "--queue", "behind", "--count", consume, "--json"];
+            let out = run(server, &args, None);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            h.add_consume_output(&out.stdout);
+        }
+    }
+}
+
+fn wait_for_log(node: &Server, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !node.log().contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in the log:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

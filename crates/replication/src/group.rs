@@ -241,11 +241,17 @@ impl Group {
         // A leader may send appends before its own write: it counts itself only after persisting.
         out.messages.extend(rd.take_messages());
         if !rd.snapshot().is_empty() {
-            // Installing a leader's snapshot arrives with the cluster work; refuse loudly.
-            return Err(ReplicationError::CorruptState {
-                path: PathBuf::new(),
-                reason: "snapshot install is not supported on this node yet".into(),
-            });
+            // This replica fell behind the leader's compaction: take its snapshot (state
+            // plus the entries still holding unsettled payloads) before anything else.
+            let index = rd.snapshot().get_metadata().index;
+            let data = self.node.mut_store().install_snapshot(rd.snapshot())?;
+            out.installed_snapshot = Some(data);
+            self.applied_index = index;
+            tracing::info!(
+                group = self.group_id,
+                index,
+                "installed a snapshot from the leader"
+            );
         }
         out.committed.extend(rd.take_committed_entries());
         let store = self.node.mut_store();

@@ -9,9 +9,16 @@
 //!   never points past entries that were already synced when it was recorded.
 //! - `snapshot`: the latest state-machine snapshot with its Raft metadata.
 //!
+//! - `snapshot-entries`: after a snapshot was *installed* from a leader, the entries at
+//!   or below its index that still hold payloads of unsettled messages (they came with
+//!   the snapshot; this replica's log starts after it). Written before `snapshot`, and
+//!   used only when its index matches the snapshot's.
+//!
 //! Raft's view of the log starts after the snapshot (`first_index = snapshot + 1`),
 //! while the physical log may keep older segments: they still hold payloads of
 //! unsettled messages, which the snapshot references by location instead of copying.
+//! A snapshot sent to a follower therefore carries those entries with it (bounded by
+//! [`MAX_SNAPSHOT_SEND_BYTES`]).
 
 use crate::ReplicationError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -22,6 +29,10 @@ use tern_log::{Log, LogOptions};
 
 const STATE_FILE: &str = "state";
 const SNAPSHOT_FILE: &str = "snapshot";
+const SNAPSHOT_ENTRIES_FILE: &str = "snapshot-entries";
+/// Largest snapshot (state plus payload entries) sent to a follower: it travels as one
+/// Raft message, under the peer transport's 64 MiB message bound.
+pub const MAX_SNAPSHOT_SEND_BYTES: usize = 48 * 1024 * 1024;
 
 /// The latest snapshot of a group: Raft metadata plus opaque state-machine bytes.
 #[derive(Clone, Debug, Default)]
@@ -38,6 +49,8 @@ pub struct LogStorage {
     hard_state: HardState,
     conf_state: ConfState,
     snapshot: SnapshotFile,
+    /// Entries at or below the snapshot index that came with an installed snapshot.
+    embedded: Vec<tern_log::Entry>,
     durable: bool,
     /// Term/vote/conf as last written to `state`; used to skip rewrites.
     persisted: (u64, u64, ConfState),
@@ -52,11 +65,21 @@ impl LogStorage {
         bootstrap_voters: &[u64],
         durable: bool,
     ) -> Result<LogStorage, ReplicationError> {
-        let (log, report) = Log::open(&dir.join("log"), log_options)?;
+        let (mut log, report) = Log::open(&dir.join("log"), log_options)?;
         if let Some((path, offset)) = &report.torn_tail {
             tracing::warn!(path = %path.display(), offset, "truncated a torn log tail on recovery");
         }
         let snapshot = read_snapshot(&dir.join(SNAPSHOT_FILE))?.unwrap_or_default();
+        let embedded = read_embedded(&dir.join(SNAPSHOT_ENTRIES_FILE), snapshot.index)?;
+        if let Some(embedded) = &embedded {
+            // An installed snapshot: everything up to its index is in the snapshot files.
+            // A crash during the install may have left the old log behind: drop it.
+            if log.last_index() < snapshot.index || log.first_index() > snapshot.index + 1 {
+                log.reset(snapshot.index + 1)?;
+            }
+            tracing::debug!(entries = embedded.len(), "snapshot entries loaded");
+        }
+        let embedded = embedded.unwrap_or_default();
         let (mut hard_state, conf_state) = match read_state(&dir.join(STATE_FILE))? {
             Some(state) => state,
             None => {
@@ -93,6 +116,7 @@ impl LogStorage {
             hard_state,
             conf_state,
             snapshot,
+            embedded,
             durable,
             persisted,
         };
@@ -173,8 +197,17 @@ impl LogStorage {
             conf_state: self.conf_state.clone(),
             data,
         };
+        // Entries that came with an installed snapshot stay while still referenced.
+        let embedded: Vec<tern_log::Entry> = self
+            .embedded
+            .iter()
+            .filter(|e| e.index >= keep_from)
+            .cloned()
+            .collect();
+        self.write_embedded(index, &embedded)?;
         tern_log::write_atomic(&self.dir.join(SNAPSHOT_FILE), &encode_snapshot(&snapshot)?)?;
         self.snapshot = snapshot;
+        self.embedded = embedded;
         // The state file carries the commit index; record it now that it is known durable.
         self.write_state()?;
         let released = self.log.release_before(keep_from.min(index + 1))?;
@@ -183,7 +216,89 @@ impl LogStorage {
 
     /// Reads an entry's data (for PUSHing payloads), from cache or disk.
     pub fn entry_data(&self, index: u64) -> Result<Bytes, ReplicationError> {
+        if index <= self.snapshot.index {
+            if let Ok(i) = self.embedded.binary_search_by_key(&index, |e| e.index) {
+                return Ok(self.embedded[i].data.clone());
+            }
+        }
         Ok(self.log.entry(index)?.data)
+    }
+
+    /// The snapshot as sent to a follower: state bytes plus every entry at or below
+    /// the snapshot index still present here (they hold unsettled payloads).
+    fn snapshot_blob(&self) -> Result<Bytes, ReplicationError> {
+        let mut entries: Vec<tern_log::Entry> = self.embedded.clone();
+        let from = self
+            .log
+            .first_index()
+            .max(entries.last().map_or(1, |e| e.index + 1));
+        if from <= self.snapshot.index && self.log.last_index() >= from {
+            entries.extend(self.log.entries(from, self.snapshot.index + 1, None)?);
+        }
+        let mut b = BytesMut::new();
+        b.put_u32(self.snapshot.data.len() as u32);
+        b.put_slice(&self.snapshot.data);
+        put_entries(&mut b, &entries);
+        Ok(b.freeze())
+    }
+
+    /// Installs a leader's snapshot: its entries and state become this replica's, the
+    /// log restarts after it. Crash-safe order: entries file, snapshot file, log reset.
+    /// Returns the state-machine bytes to restore from.
+    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<Bytes, ReplicationError> {
+        let meta = snap.get_metadata();
+        let mut blob = snap.data.clone();
+        let bad = |reason: &str| ReplicationError::CorruptState {
+            path: self.dir.join(SNAPSHOT_FILE),
+            reason: format!("snapshot from the leader: {reason}"),
+        };
+        if blob.remaining() < 4 {
+            return Err(bad("truncated"));
+        }
+        let len = blob.get_u32() as usize;
+        if blob.remaining() < len {
+            return Err(bad("truncated state"));
+        }
+        let data = blob.split_to(len);
+        let entries = take_entries(&mut blob).ok_or_else(|| bad("bad entries"))?;
+        self.write_embedded(meta.index, &entries)?;
+        let snapshot = SnapshotFile {
+            index: meta.index,
+            term: meta.term,
+            conf_state: meta.get_conf_state().clone(),
+            data: data.clone(),
+        };
+        tern_log::write_atomic(&self.dir.join(SNAPSHOT_FILE), &encode_snapshot(&snapshot)?)?;
+        self.log.reset(meta.index + 1)?;
+        self.snapshot = snapshot;
+        self.embedded = entries;
+        self.conf_state = meta.get_conf_state().clone();
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.write_state()?;
+        Ok(data)
+    }
+
+    fn write_embedded(
+        &self,
+        index: u64,
+        entries: &[tern_log::Entry],
+    ) -> Result<(), ReplicationError> {
+        let path = self.dir.join(SNAPSHOT_ENTRIES_FILE);
+        if entries.is_empty() {
+            return match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ReplicationError::CorruptState {
+                    path,
+                    reason: format!("cannot remove: {e}"),
+                }),
+            };
+        }
+        let mut b = BytesMut::new();
+        b.put_u64(index);
+        put_entries(&mut b, entries);
+        tern_log::write_atomic(&path, &b)?;
+        Ok(())
     }
 
     fn raft_first_index(&self) -> u64 {
@@ -266,8 +381,22 @@ impl raft::Storage for LogStorage {
         Ok(self.raft_last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         if self.snapshot.index < request_index || self.snapshot.index == 0 {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let blob = self
+            .snapshot_blob()
+            .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        if blob.len() > MAX_SNAPSHOT_SEND_BYTES {
+            tracing::warn!(
+                to,
+                bytes = blob.len(),
+                max = MAX_SNAPSHOT_SEND_BYTES,
+                "snapshot with its unsettled payloads is too large to send; the follower stays behind"
+            );
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -280,7 +409,7 @@ impl raft::Storage for LogStorage {
         };
         meta.set_conf_state(self.snapshot.conf_state.clone());
         snap.set_metadata(meta);
-        snap.data = self.snapshot.data.clone();
+        snap.data = blob;
         Ok(snap)
     }
 }
@@ -346,6 +475,77 @@ fn read_state(path: &Path) -> Result<Option<(HardState, ConfState)>, Replication
     let hs = take_message::<HardState>(&mut bytes, path)?;
     let cs = take_message::<ConfState>(&mut bytes, path)?;
     Ok(Some((hs, cs)))
+}
+
+fn put_entries(b: &mut BytesMut, entries: &[tern_log::Entry]) {
+    b.put_u32(entries.len() as u32);
+    for e in entries {
+        b.put_u64(e.index);
+        b.put_u64(e.term);
+        b.put_u8(e.kind);
+        b.put_u32(e.context.len() as u32);
+        b.put_slice(&e.context);
+        b.put_u32(e.data.len() as u32);
+        b.put_slice(&e.data);
+    }
+}
+
+/// Decodes entries; None on malformed input (never panics, never over-allocates).
+fn take_entries(b: &mut Bytes) -> Option<Vec<tern_log::Entry>> {
+    if b.remaining() < 4 {
+        return None;
+    }
+    let n = b.get_u32() as usize;
+    if n.saturating_mul(25) > b.remaining() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if b.remaining() < 21 {
+            return None;
+        }
+        let index = b.get_u64();
+        let term = b.get_u64();
+        let kind = b.get_u8();
+        let clen = b.get_u32() as usize;
+        if b.remaining() < clen + 4 {
+            return None;
+        }
+        let context = b.split_to(clen);
+        let dlen = b.get_u32() as usize;
+        if b.remaining() < dlen {
+            return None;
+        }
+        let data = b.split_to(dlen);
+        out.push(tern_log::Entry {
+            index,
+            term,
+            kind,
+            context,
+            data,
+        });
+    }
+    let ordered = out.windows(2).all(|w| w[0].index < w[1].index);
+    (ordered && !b.has_remaining()).then_some(out)
+}
+
+/// The entries that came with the installed snapshot at `snapshot_index`, if the file
+/// belongs to it (a file left by an interrupted install or an older snapshot is ignored).
+fn read_embedded(
+    path: &Path,
+    snapshot_index: u64,
+) -> Result<Option<Vec<tern_log::Entry>>, ReplicationError> {
+    let Some(mut bytes) = tern_log::read_checked(path)? else {
+        return Ok(None);
+    };
+    if bytes.remaining() < 8 || bytes.get_u64() != snapshot_index {
+        return Ok(None);
+    }
+    let entries = take_entries(&mut bytes).ok_or_else(|| ReplicationError::CorruptState {
+        path: path.to_path_buf(),
+        reason: "malformed snapshot entries".into(),
+    })?;
+    Ok(Some(entries))
 }
 
 fn encode_snapshot(s: &SnapshotFile) -> Result<BytesMut, ReplicationError> {

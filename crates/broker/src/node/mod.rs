@@ -1065,6 +1065,9 @@ impl Node {
         if let Some(d) = out.sync_duration {
             self.metrics.fsync_latency.observe(d.as_secs_f64());
         }
+        if let Some(bytes) = out.installed_snapshot.take() {
+            self.install_meta_snapshot(&bytes)?;
+        }
         for entry in out.committed {
             if entry.data.is_empty() {
                 continue; // the empty entry a new leader appends
@@ -1088,6 +1091,36 @@ impl Node {
             }
         }
         Ok(true)
+    }
+
+    /// The metadata leader's snapshot replaced ours: open the partitions of queues we
+    /// did not know and drop those of queues deleted meanwhile.
+    fn install_meta_snapshot(&mut self, bytes: &[u8]) -> Result<(), NodeError> {
+        let new = MetaState::decode(bytes).map_err(|e| NodeError::Meta(e.to_string()))?;
+        let old = std::mem::replace(&mut self.meta, new);
+        let deleted: Vec<QueueDef> = old
+            .queues()
+            .filter(|d| self.meta.queue(&d.name) != Some(*d))
+            .cloned()
+            .collect();
+        for def in &deleted {
+            self.drop_partitions(def);
+        }
+        let created: Vec<QueueDef> = self
+            .meta
+            .queues()
+            .filter(|d| old.queue(&d.name) != Some(*d))
+            .cloned()
+            .collect();
+        for def in &created {
+            self.open_partitions(def)?;
+        }
+        tracing::info!(
+            dropped = deleted.len(),
+            opened = created.len(),
+            "metadata restored from the leader's snapshot"
+        );
+        Ok(())
     }
 
     fn apply_meta(&mut self, cmd: &MetaCommand) -> Result<MetaOutcome, NodeError> {

@@ -706,6 +706,9 @@ impl Partition {
     /// Applies a Ready's committed entries and answers the proposals they complete.
     pub fn apply_ready(&mut self, out: ReadyOutput, metrics: &Metrics) -> ApplyResult {
         let mut result = ApplyResult::default();
+        if let Some(bytes) = &out.installed_snapshot {
+            self.restore_installed(bytes);
+        }
         for entry in out.committed {
             if entry.data.is_empty() {
                 continue; // a new leader's empty entry
@@ -736,6 +739,26 @@ impl Partition {
             }
         }
         result
+    }
+
+    /// This replica took the leader's snapshot: its state replaces ours. A follower has
+    /// no proposals of its own waiting, so only the leader-local views are rebuilt.
+    fn restore_installed(&mut self, bytes: &Bytes) {
+        match PartitionState::restore(bytes) {
+            Ok(mut state) => {
+                state.set_config(self.state.config().clone());
+                self.state = state;
+                self.read_cache = None;
+                self.log_bytes_at_snapshot = self.group.log_disk_bytes();
+                self.rebuild_dispatchers();
+                tracing::info!(queue = %self.queue, partition = self.index, "state restored from the leader's snapshot");
+            }
+            Err(e) => {
+                // The leader checksums and we decode its own encoding: this is a bug. Keep
+                // the old state rather than guess; the node's status shows the lag.
+                tracing::error!(queue = %self.queue, partition = self.index, "leader's snapshot does not decode: {e}");
+            }
+        }
     }
 
     /// Leader-local bookkeeping after one applied command.
