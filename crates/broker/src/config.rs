@@ -23,6 +23,10 @@ pub struct BrokerConfig {
     /// `id=host:port` (peer address) of every initial member; empty = a single-node
     /// cluster of this node.
     pub initial_cluster: Vec<String>,
+    /// This node joins an existing cluster (after `tern cluster add-node`): it does not
+    /// bootstrap; `initial_cluster` is the founding member list, which names the
+    /// cluster and gives the first peers to contact.
+    pub join: bool,
     /// Replicas per partition (capped by the cluster size).
     pub replication_factor: usize,
     /// Create a queue with default settings when a client first opens it.
@@ -95,6 +99,7 @@ impl Default for BrokerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7451)),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 7452)),
             initial_cluster: Vec::new(),
+            join: false,
             replication_factor: 3,
             auto_create_queues: true,
             queue_defaults: QueueDefaults::default(),
@@ -157,7 +162,16 @@ impl BrokerConfig {
             return bad("max_connections, node_queue_capacity and max_inflight_puts_per_conn must be positive".into());
         }
         let members = self.members()?;
-        if !members.is_empty() && !members.iter().any(|(id, _)| *id == self.node_id) {
+        if self.join && members.is_empty() {
+            return bad("--join needs --initial-cluster: the founding members to contact".into());
+        }
+        if self.join && members.iter().any(|(id, _)| *id == self.node_id) {
+            return bad(format!(
+                "--join: node id {} is a founding member; a joining node needs a new id",
+                self.node_id
+            ));
+        }
+        if !self.join && !members.is_empty() && !members.iter().any(|(id, _)| *id == self.node_id) {
             return bad(format!(
                 "--initial-cluster does not list this node's id {}",
                 self.node_id
@@ -211,8 +225,12 @@ impl BrokerConfig {
         Ok(out)
     }
 
-    /// Ids of the initial members (just this node for a single-node cluster).
+    /// Ids of the initial members (just this node for a single-node cluster; none for
+    /// a joining node, which starts without a configuration).
     pub fn member_ids(&self) -> Vec<u64> {
+        if self.join {
+            return Vec::new();
+        }
         match self.members() {
             Ok(m) if !m.is_empty() => m.into_iter().map(|(id, _)| id).collect(),
             _ => vec![self.node_id],

@@ -69,12 +69,25 @@ pub enum PeerMsg {
     Admin { id: u64, body: Bytes },
     /// Metadata leader → asker: the answer (`status` 0 = ok; body JSON).
     AdminReply { id: u64, status: u16, body: Bytes },
-    /// Gossip: the sender's incarnation and the groups it leads, with their terms.
+    /// Gossip: the sender's incarnation and the groups it leads, with their terms and
+    /// replica sets (voters then learners, split at `voters`).
     Leaders {
         incarnation: u64,
-        groups: Vec<(u64, u64)>,
+        groups: Vec<LedGroup>,
     },
 }
+
+/// One group a node leads, as gossiped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedGroup {
+    pub group: u64,
+    pub term: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+/// Most replicas gossiped per group (a replica set is a handful of nodes).
+const MAX_GOSSIP_REPLICAS: usize = 64;
 
 const T_RAFT: u8 = 1;
 const T_PUT: u8 = 2;
@@ -101,6 +114,8 @@ pub enum PeerMsgError {
     BadString,
     #[error("trailing bytes after a peer message")]
     Trailing,
+    #[error("malformed peer message: {0}")]
+    Malformed(&'static str),
 }
 
 impl PeerMsg {
@@ -208,9 +223,15 @@ impl PeerMsg {
                 b.put_u8(T_LEADERS);
                 b.put_u64(*incarnation);
                 b.put_u32(groups.len() as u32);
-                for (g, term) in groups {
-                    b.put_u64(*g);
-                    b.put_u64(*term);
+                for g in groups {
+                    b.put_u64(g.group);
+                    b.put_u64(g.term);
+                    for ids in [&g.voters, &g.learners] {
+                        b.put_u16(ids.len().min(MAX_GOSSIP_REPLICAS) as u16);
+                        for id in ids.iter().take(MAX_GOSSIP_REPLICAS) {
+                            b.put_u64(*id);
+                        }
+                    }
                 }
             }
         }
@@ -290,10 +311,28 @@ impl PeerMsg {
             },
             T_LEADERS => {
                 let incarnation = r.u64()?;
-                let n = r.count(16)?;
+                let n = r.count(20)?;
                 let mut groups = Vec::with_capacity(n);
                 for _ in 0..n {
-                    groups.push((r.u64()?, r.u64()?));
+                    let group = r.u64()?;
+                    let term = r.u64()?;
+                    let mut sets = [Vec::new(), Vec::new()];
+                    for set in &mut sets {
+                        let k = usize::from(r.u16()?);
+                        if k > MAX_GOSSIP_REPLICAS {
+                            return Err(PeerMsgError::Malformed("too many replicas"));
+                        }
+                        for _ in 0..k {
+                            set.push(r.u64()?);
+                        }
+                    }
+                    let [voters, learners] = sets;
+                    groups.push(LedGroup {
+                        group,
+                        term,
+                        voters,
+                        learners,
+                    });
                 }
                 PeerMsg::Leaders {
                     incarnation,
@@ -445,7 +484,20 @@ mod tests {
             },
             PeerMsg::Leaders {
                 incarnation: 77,
-                groups: vec![(0, 3), (5, 4)],
+                groups: vec![
+                    LedGroup {
+                        group: 0,
+                        term: 3,
+                        voters: vec![1, 2, 3],
+                        learners: vec![],
+                    },
+                    LedGroup {
+                        group: 5,
+                        term: 4,
+                        voters: vec![2],
+                        learners: vec![4],
+                    },
+                ],
             },
         ]
     }

@@ -95,6 +95,31 @@ pub struct ClusterArgs {
 pub enum ClusterCommand {
     /// Nodes and, per partition, leader, replicas, commit index and replica lag.
     Status,
+    /// Add a node (`ID=HOST:PORT`, its peer address), then start it with `tern server
+    /// --join`. Waits until the replicas it wins by placement have moved to it.
+    AddNode {
+        /// `ID=HOST:PORT`: the new node's id and peer address.
+        member: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a node: its replicas move to the others first, then it leaves the
+    /// metadata group and can be stopped. Waits until it holds nothing.
+    RemoveNode {
+        id: u64,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    /// Return once the change is committed, without waiting for replicas to move.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this long (the move goes on in the cluster), e.g. `120s`.
+    #[arg(long, default_value = "120s", value_parser = dur::parse_ms)]
+    pub wait_timeout: u64,
 }
 
 pub async fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
@@ -156,8 +181,36 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let client = Client::connect(args.client.config()).await?;
-    let ClusterCommand::Status = args.command;
-    let reply = client.admin(AdminRequest::ClusterStatus).await?;
+    let (req, wait) = match args.command {
+        ClusterCommand::Status => (AdminRequest::ClusterStatus, None),
+        ClusterCommand::AddNode { member, wait } => {
+            let Some((id, peer_addr)) = member.split_once('=') else {
+                anyhow::bail!("add-node takes ID=HOST:PORT, got {member:?}");
+            };
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{id:?} is not a node id"))?;
+            let req = AdminRequest::AddNode {
+                id,
+                peer_addr: peer_addr.trim().to_string(),
+            };
+            (req, Some((id, true, wait)))
+        }
+        ClusterCommand::RemoveNode { id, wait } => {
+            (AdminRequest::RemoveNode { id }, Some((id, false, wait)))
+        }
+    };
+    if let Some((id, adding, wait)) = wait {
+        client.admin(req).await?;
+        if wait.no_wait {
+            println!("node {id}: change committed; replicas move in the background");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let timeout = std::time::Duration::from_millis(wait.wait_timeout);
+        return wait_for_membership(&client, id, adding, timeout).await;
+    }
+    let reply = client.admin(req).await?;
     let value = serde_json::to_value(&reply)?;
     if args.client.json {
         println!("{value}");
@@ -165,6 +218,83 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         print_cluster(&value)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the cluster status until node `id` is a voting member holding its replicas
+/// (adding) or holds nothing any more (removing), bounded by `timeout`.
+async fn wait_for_membership(
+    client: &Client,
+    id: u64,
+    adding: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let status = serde_json::to_value(client.admin(AdminRequest::ClusterStatus).await?)?;
+        let (done, progress) = membership_progress(&status, id, adding);
+        if done {
+            println!("node {id}: {}", if adding { "added" } else { "removed" });
+            return Ok(ExitCode::SUCCESS);
+        }
+        if progress != last {
+            eprintln!("node {id}: {progress}");
+            last = progress;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "tern: node {id}: still moving after {} s; the change goes on (see `tern cluster status`)",
+                timeout.as_secs()
+            );
+            return Ok(ExitCode::from(1));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// (done, a one-line description of what is left) for an add or remove of `id`.
+fn membership_progress(v: &serde_json::Value, id: u64, adding: bool) -> (bool, String) {
+    let status = v.get("Cluster").unwrap_or(v);
+    let role = status["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["id"].as_u64() == Some(id)))
+        .and_then(|n| n["role"].as_str())
+        .unwrap_or("absent")
+        .to_string();
+    let ids = |x: &serde_json::Value| -> Vec<u64> {
+        let mut v: Vec<u64> = x
+            .as_array()
+            .map(|a| a.iter().filter_map(|i| i.as_u64()).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    };
+    let parts = status["partitions"].as_array().cloned().unwrap_or_default();
+    let unsettled = parts
+        .iter()
+        .filter(|p| {
+            let replicas = ids(&p["replicas"]);
+            let learners = ids(&p["learners"]);
+            if adding {
+                replicas != ids(&p["target_replicas"]) || !learners.is_empty()
+            } else {
+                replicas.contains(&id) || learners.contains(&id)
+            }
+        })
+        .count();
+    let done = unsettled == 0
+        && if adding {
+            role == "voter"
+        } else {
+            role == "absent"
+        };
+    (
+        done,
+        format!(
+            "metadata role {role}, {unsettled} of {} partitions still moving",
+            parts.len()
+        ),
+    )
 }
 
 /// Nodes, metadata group and partitions as tables; unknown shapes as pretty JSON.
@@ -187,25 +317,34 @@ fn print_cluster(v: &serde_json::Value) -> anyhow::Result<()> {
         text(&meta["commit_index"])
     );
     println!(
-        "{:>6} {:<24} {:<24} {:<8}",
-        "NODE", "ADDR", "PEER_ADDR", "HEALTHY"
+        "{:>6} {:<24} {:<8} {:<8}",
+        "NODE", "PEER_ADDR", "ROLE", "HEALTHY"
     );
     for n in nodes {
         println!(
-            "{:>6} {:<24} {:<24} {:<8}",
+            "{:>6} {:<24} {:<8} {:<8}",
             text(&n["id"]),
-            text(&n["addr"]),
             text(&n["peer_addr"]),
+            text(&n["role"]),
             text(&n["healthy"])
         );
     }
     println!(
-        "{:<24} {:>4} {:>7} {:>6} {:>10} {:>10} {:<16} {:<}",
-        "QUEUE", "PART", "LEADER", "TERM", "COMMIT", "APPLIED", "REPLICAS", "LAG"
+        "{:<24} {:>4} {:>7} {:>6} {:>10} {:>10} {:<12} {:<8} {:<12} {:<}",
+        "QUEUE",
+        "PART",
+        "LEADER",
+        "TERM",
+        "COMMIT",
+        "APPLIED",
+        "REPLICAS",
+        "LEARNERS",
+        "TARGET",
+        "LAG"
     );
     for p in parts {
         println!(
-            "{:<24} {:>4} {:>7} {:>6} {:>10} {:>10} {:<16} {:<}",
+            "{:<24} {:>4} {:>7} {:>6} {:>10} {:>10} {:<12} {:<8} {:<12} {:<}",
             text(&p["queue"]),
             text(&p["partition"]),
             text(&p["leader"]),
@@ -213,6 +352,8 @@ fn print_cluster(v: &serde_json::Value) -> anyhow::Result<()> {
             text(&p["commit_index"]),
             text(&p["applied_index"]),
             text(&p["replicas"]),
+            text(&p["learners"]),
+            text(&p["target_replicas"]),
             text(&p["replica_lag"])
         );
     }

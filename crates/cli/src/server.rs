@@ -35,6 +35,10 @@ pub struct ServerArgs {
     /// Initial members as `ID=HOST:PORT,ID=HOST:PORT,...` (peer addresses). [default: this node alone]
     #[arg(long, env = "TERN_INITIAL_CLUSTER", value_delimiter = ',')]
     pub initial_cluster: Option<Vec<String>>,
+    /// Join an existing cluster (run `tern cluster add-node ID=HOST:PORT` first) instead
+    /// of bootstrapping; --initial-cluster is then the founding member list.
+    #[arg(long, env = "TERN_JOIN")]
+    pub join: bool,
     /// Replicas per partition, capped by the cluster size. [default: 3]
     #[arg(long, env = "TERN_REPLICATION_FACTOR")]
     pub replication_factor: Option<usize>,
@@ -128,6 +132,7 @@ impl ServerArgs {
             replication_factor,
             auto_create_queues
         );
+        c.join = c.join || self.join;
         set!(
             max_frame_bytes,
             max_connections,

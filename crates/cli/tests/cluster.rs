@@ -346,3 +346,113 @@ fn wait_for_log(node: &Server, needle: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `tern cluster add-node` then `remove-node` under load: the new node receives the
+/// replicas placement gives it (learner, snapshot, voter), the removed node hands its
+/// replicas and leadership over, and no ACKed message is lost.
+#[test]
+fn adding_and_removing_a_node_under_load_moves_replicas_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(dir.path(), 3, &[]);
+    create(&c.nodes[0].addr(), "moving", "4");
+    let members: Vec<String> = c
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{}=127.0.0.1:{}", i + 1, n.peer_port))
+        .collect();
+    let node4_dir = dir.path().join("node4");
+    std::fs::create_dir_all(&node4_dir).expect("node4 dir");
+    let mut node4 = Server {
+        child: None,
+        dir: node4_dir,
+        port: free_port(),
+        http_port: free_port(),
+        peer_port: free_port(),
+        extra: vec![
+            "--node-id".into(),
+            "4".into(),
+            "--join".into(),
+            "--initial-cluster".into(),
+            members.join(","),
+        ],
+    };
+    let all = format!("{},{}", c.servers(), node4.addr());
+    let producer = producer(&all, "moving", 20_000);
+    std::thread::sleep(Duration::from_millis(1000));
+    let member4 = format!("4=127.0.0.1:{}", node4.peer_port);
+    let out = run(
+        &c.nodes[1].addr(),
+        &["cluster", "add-node", &member4, "--no-wait"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node4.spawn_no_wait();
+    let out = run(
+        &c.nodes[1].addr(),
+        &["cluster", "add-node", &member4, "--wait-timeout", "60s"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "add-node did not complete: {}\nnode 4 log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node4.log()
+    );
+    let out = run(
+        &c.nodes[1].addr(),
+        &["cluster", "remove-node", "1", "--wait-timeout", "60s"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "remove-node did not complete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every replica of node 4 started from its leader's snapshot, never from entry 1.
+    assert!(
+        node4.log().contains("installed a snapshot"),
+        "{}",
+        node4.log()
+    );
+    assert!(
+        c.nodes[0]
+            .log()
+            .contains("this node was removed from the cluster"),
+        "{}",
+        c.nodes[0].log()
+    );
+    // Node 1 holds nothing now: killing it costs nothing.
+    c.nodes[0].kill9();
+    let (_, body) = http_get(node4.http_port, "/v1/cluster").expect("status of node 4");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let parts = status["partitions"].as_array().expect("partitions");
+    let on4 = parts
+        .iter()
+        .filter(|p| {
+            p["replicas"]
+                .as_array()
+                .is_some_and(|r| r.contains(&4.into()))
+        })
+        .count();
+    assert!(on4 >= 1, "node 4 holds no replica: {status}");
+    for p in parts {
+        let r = p["replicas"].as_array().expect("replicas");
+        assert!(!r.contains(&1.into()), "node 1 still a replica: {status}");
+        assert_eq!(r.len(), 3, "{status}");
+    }
+    let out = producer.wait_with_output().expect("producer output");
+    let mut h = History::default();
+    h.add_produce_output(&out.stdout);
+    assert_eq!(h.puts.len(), 20_000);
+    let ok = h.puts.values().filter(|s| s.as_str() == "ok").count();
+    drain(&node4.addr(), "moving", &mut h);
+    let v = h.check();
+    eprintln!("add/remove under load: {ok} ok of 20000, {on4} partitions on node 4, verdict {v:?}");
+    assert_eq!(v.lost, 0, "ACKed messages lost");
+    assert_eq!(v.unexpected, 0);
+}

@@ -40,6 +40,15 @@ pub enum AdminRequest {
         name: String,
     },
     ClusterStatus,
+    /// Adds a node (by id and peer address); replicas it wins by placement move to it.
+    AddNode {
+        id: u64,
+        peer_addr: String,
+    },
+    /// Removes a node; its replicas move to the remaining nodes first.
+    RemoveNode {
+        id: u64,
+    },
 }
 
 /// Queue settings. Every field is optional on create; unset fields take the
@@ -218,6 +227,17 @@ mod tests {
                 },
             ),
             (r#"{"op":"cluster_status"}"#, AdminRequest::ClusterStatus),
+            (
+                r#"{"op":"add_node","id":4,"peer_addr":"10.0.0.4:7452"}"#,
+                AdminRequest::AddNode {
+                    id: 4,
+                    peer_addr: "10.0.0.4:7452".into(),
+                },
+            ),
+            (
+                r#"{"op":"remove_node","id":1}"#,
+                AdminRequest::RemoveNode { id: 1 },
+            ),
         ];
         for (json, want) in cases {
             let got: AdminRequest = serde_json::from_str(json).expect(json);

@@ -4,8 +4,11 @@ use crate::logger::raft_logger;
 use crate::storage::LogStorage;
 use crate::ReplicationError;
 use bytes::Bytes;
-use raft::eraftpb::{ConfChangeV2, Entry, Message};
-use raft::{RawNode, StateRole};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use std::path::PathBuf;
 use tern_log::LogOptions;
 
@@ -58,8 +61,43 @@ pub struct ReadyOutput {
     pub role_change: Option<(StateRole, u64)>,
     /// A snapshot received from the leader was installed: the state machine must restore from it.
     pub installed_snapshot: Option<Bytes>,
+    /// Membership changes applied in this round (their entries come back with empty data).
+    pub membership: Vec<MembershipChange>,
     /// How long the log fsync of this round took, if one was done.
     pub sync_duration: Option<std::time::Duration>,
+}
+
+/// One membership change of a group (Raft configuration change, one node at a time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// A non-voting replica that receives the log (catch-up before it votes).
+    AddLearner(u64),
+    /// A caught-up learner becomes a voter.
+    Promote(u64),
+    Remove(u64),
+}
+
+impl MembershipChange {
+    fn to_conf_change(self) -> ConfChange {
+        let (kind, id) = match self {
+            MembershipChange::AddLearner(id) => (ConfChangeType::AddLearnerNode, id),
+            MembershipChange::Promote(id) => (ConfChangeType::AddNode, id),
+            MembershipChange::Remove(id) => (ConfChangeType::RemoveNode, id),
+        };
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = id;
+        cc
+    }
+
+    fn from_conf_change(cc: &ConfChangeV2) -> Option<MembershipChange> {
+        let single = cc.get_changes().first()?;
+        Some(match single.get_change_type() {
+            ConfChangeType::AddLearnerNode => MembershipChange::AddLearner(single.node_id),
+            ConfChangeType::AddNode => MembershipChange::Promote(single.node_id),
+            ConfChangeType::RemoveNode => MembershipChange::Remove(single.node_id),
+        })
+    }
 }
 
 /// A snapshot of a group's progress, for status pages and metrics.
@@ -211,15 +249,96 @@ impl Group {
         Ok((index, self.node.raft.term))
     }
 
-    /// Proposes a membership change (used by the cluster layer).
-    pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> Result<(), ReplicationError> {
-        Ok(self.node.propose_conf_change(Vec::new(), cc)?)
+    /// Proposes one membership change (leader only; one at a time: the caller checks
+    /// [`Group::has_pending_membership_change`] first).
+    pub fn propose_membership(&mut self, change: MembershipChange) -> Result<(), ReplicationError> {
+        if !self.is_leader() {
+            return Err(ReplicationError::NotLeader {
+                leader: self.leader_id(),
+            });
+        }
+        match self
+            .node
+            .propose_conf_change(Vec::new(), change.to_conf_change())
+        {
+            Ok(()) => Ok(()),
+            Err(raft::Error::ProposalDropped) => Err(ReplicationError::ProposalDropped),
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Applies a committed conf-change entry and persists the new configuration.
-    pub fn apply_conf_change(&mut self, cc: &ConfChangeV2) -> Result<(), ReplicationError> {
-        let cs = self.node.apply_conf_change(cc)?;
-        self.node.mut_store().set_conf_state(cs)
+    /// A proposed membership change is not applied yet.
+    pub fn has_pending_membership_change(&self) -> bool {
+        self.node.raft.has_pending_conf()
+    }
+
+    /// Learners (non-voting replicas) of the current configuration.
+    pub fn learners(&self) -> Vec<u64> {
+        self.node.store().conf_state().learners.clone()
+    }
+
+    /// This node is a voter or learner of the group. A replica opened without a
+    /// configuration (added to an existing group) is not, until the leader's snapshot.
+    pub fn is_member(&self) -> bool {
+        let cs = self.node.store().conf_state();
+        let id = self.node.raft.id;
+        cs.voters.contains(&id) || cs.learners.contains(&id)
+    }
+
+    /// Tells Raft whether a snapshot message reached the transport (leader only).
+    pub fn report_snapshot(&mut self, to: u64, sent: bool) {
+        let status = if sent {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.node.report_snapshot(to, status);
+    }
+
+    /// Applies the committed conf-change entries among `entries` and blanks their data
+    /// (the state machines above see an empty entry).
+    fn apply_membership(
+        &mut self,
+        entries: &mut [Entry],
+        applied: &mut Vec<MembershipChange>,
+    ) -> Result<(), ReplicationError> {
+        for e in entries.iter_mut() {
+            let cc = match e.get_entry_type() {
+                EntryType::EntryNormal => continue,
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    cc.merge_from_bytes(&e.data)
+                        .map_err(|err| self.corrupt(err))?;
+                    let mut single = ConfChangeSingle::default();
+                    single.set_change_type(cc.get_change_type());
+                    single.node_id = cc.node_id;
+                    let mut v2 = ConfChangeV2::default();
+                    v2.mut_changes().push(single);
+                    v2
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    cc.merge_from_bytes(&e.data)
+                        .map_err(|err| self.corrupt(err))?;
+                    cc
+                }
+            };
+            let cs = self.node.apply_conf_change(&cc)?;
+            self.node.mut_store().set_conf_state(cs)?;
+            if let Some(change) = MembershipChange::from_conf_change(&cc) {
+                tracing::info!(group = self.group_id, ?change, "membership change applied");
+                applied.push(change);
+            }
+            e.data = Default::default();
+        }
+        Ok(())
+    }
+
+    fn corrupt(&self, err: impl std::fmt::Display) -> ReplicationError {
+        ReplicationError::CorruptState {
+            path: PathBuf::new(),
+            reason: format!("group {}: undecodable conf change: {err}", self.group_id),
+        }
     }
 
     pub fn has_ready(&self) -> bool {
@@ -253,7 +372,9 @@ impl Group {
                 "installed a snapshot from the leader"
             );
         }
-        out.committed.extend(rd.take_committed_entries());
+        let mut committed = rd.take_committed_entries();
+        self.apply_membership(&mut committed, &mut out.membership)?;
+        out.committed.extend(committed);
         let store = self.node.mut_store();
         store.append(rd.entries())?;
         if !rd.entries().is_empty() || rd.must_sync() {
@@ -270,7 +391,9 @@ impl Group {
             self.node.mut_store().set_commit(commit);
         }
         out.messages.extend(light.take_messages());
-        out.committed.extend(light.take_committed_entries());
+        let mut committed = light.take_committed_entries();
+        self.apply_membership(&mut committed, &mut out.membership)?;
+        out.committed.extend(committed);
         if let Some(last) = out.committed.last() {
             debug_assert!(last.index > self.applied_index);
             self.applied_index = last.index;

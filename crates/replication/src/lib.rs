@@ -16,7 +16,7 @@ mod group;
 mod logger;
 mod storage;
 
-pub use group::{Group, GroupConfig, GroupStatus, ReadyOutput};
+pub use group::{Group, GroupConfig, GroupStatus, MembershipChange, ReadyOutput};
 pub use raft::eraftpb::{Entry, EntryType, Message};
 pub use raft::StateRole;
 pub use storage::{LogStorage, SnapshotFile};

@@ -16,7 +16,7 @@
 //!   the queue (at-least-once).
 
 use super::{now_ms, ConnId, ConnTx, Consumer, Node, NodeCmd, QueueDef, Rejection, META_GROUP_ID};
-use crate::peer::{NodeId, PeerMsg};
+use crate::peer::{LedGroup, NodeId, PeerMsg};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -60,6 +60,8 @@ pub(super) struct ClusterState {
     pub forward_groups: HashMap<u64, ForwardGroup>,
     /// Leaders learnt from gossip, for groups with no replica here: group → (leader, term).
     pub leader_hints: HashMap<u64, (NodeId, u64)>,
+    /// Replica sets (voters, learners) as their leaders last gossiped them.
+    pub replica_hints: HashMap<u64, (Vec<u64>, Vec<u64>)>,
     /// Where each local consumer is attached per group it reads.
     pub consumer_homes: HashMap<(ConsumerId, u64), NodeId>,
     /// Consumers of other nodes attached here: consumer → (node, its incarnation, groups).
@@ -91,21 +93,40 @@ impl Node {
 
     /// Sends one message to a peer; a full or dead link drops it (Raft retries, and the
     /// coordinator resends forwarded PUTs on leader changes).
-    pub(super) fn send_peer(&self, to: NodeId, msg: &PeerMsg) {
+    pub(super) fn send_peer(&self, to: NodeId, msg: &PeerMsg) -> bool {
         if to == self.cfg.node_id {
-            return;
+            return false;
         }
-        if let Some(t) = &self.transport {
-            if let Err(e) = t.send(to, msg.encode()) {
+        let Some(t) = &self.transport else {
+            return false;
+        };
+        match t.send(to, msg.encode()) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::debug!(peer = to, "peer send dropped: {e}");
+                false
             }
         }
     }
 
-    pub(super) fn send_raft(&self, group: u64, msgs: Vec<raft::eraftpb::Message>) {
+    /// Sends a group's Raft messages. A snapshot's fate is reported back to Raft, which
+    /// otherwise waits for it forever: handed to the transport = finished (a lost one
+    /// is detected by the follower's next reply and sent again), dropped = failed.
+    pub(super) fn send_raft(&mut self, group: u64, msgs: Vec<raft::eraftpb::Message>) {
         for msg in msgs {
             let to = msg.to;
-            self.send_peer(to, &PeerMsg::Raft { group, msg });
+            let snapshot = msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+            let sent = self.send_peer(to, &PeerMsg::Raft { group, msg });
+            if snapshot {
+                let g = if group == META_GROUP_ID {
+                    Some(&mut self.meta_group)
+                } else {
+                    self.partitions.get_mut(&group).map(|p| &mut p.group)
+                };
+                if let Some(g) = g {
+                    g.report_snapshot(to, sent);
+                }
+            }
         }
     }
 
@@ -194,14 +215,17 @@ impl Node {
                 groups,
             } => {
                 self.note_incarnation(from, incarnation);
-                for (gid, term) in groups {
+                for g in groups {
                     let newer = self
                         .cluster
                         .leader_hints
-                        .get(&gid)
-                        .is_none_or(|(_, t)| term >= *t);
+                        .get(&g.group)
+                        .is_none_or(|(_, t)| g.term >= *t);
                     if newer {
-                        self.cluster.leader_hints.insert(gid, (from, term));
+                        self.cluster.leader_hints.insert(g.group, (from, g.term));
+                        self.cluster
+                            .replica_hints
+                            .insert(g.group, (g.voters, g.learners));
                     }
                 }
             }
@@ -209,14 +233,23 @@ impl Node {
     }
 
     fn step_raft(&mut self, group: u64, msg: raft::eraftpb::Message) {
-        let result = if group == META_GROUP_ID {
-            self.meta_group.step(msg)
+        let g = if group == META_GROUP_ID {
+            &mut self.meta_group
         } else if let Some(p) = self.partitions.get_mut(&group) {
-            p.group.step(msg)
+            &mut p.group
         } else {
             // The queue is not known here yet (metadata still applying): Raft retries.
             return;
         };
+        // A replica opened without a configuration starts from the leader's snapshot,
+        // never from entry 1: those entries would leave it without the founding voters.
+        let from_scratch = msg.get_msg_type() == raft::eraftpb::MessageType::MsgAppend
+            && msg.index == 0
+            && !g.is_member();
+        if from_scratch {
+            return;
+        }
+        let result = g.step(msg);
         if let Err(e) = result {
             tracing::debug!(group, "raft step refused: {e}");
         }
@@ -635,7 +668,10 @@ impl Node {
     ) -> Option<(AdminRequest, oneshot::Sender<Result<AdminReply, Rejection>>)> {
         let needs_meta_leader = matches!(
             req,
-            AdminRequest::CreateQueue { .. } | AdminRequest::DeleteQueue { .. }
+            AdminRequest::CreateQueue { .. }
+                | AdminRequest::DeleteQueue { .. }
+                | AdminRequest::AddNode { .. }
+                | AdminRequest::RemoveNode { .. }
         );
         if !self.is_cluster() || !needs_meta_leader || self.meta_group.is_leader() {
             return Some((req, reply));
@@ -658,7 +694,7 @@ impl Node {
         let id = self.cluster.next_admin_id;
         let deadline = Instant::now() + Duration::from_millis(ADMIN_FORWARD_TIMEOUT_MS);
         self.cluster.admin_waits.insert(id, (reply, deadline));
-        self.send_peer(leader, &PeerMsg::Admin { id, body });
+        let _ = self.send_peer(leader, &PeerMsg::Admin { id, body });
         None
     }
 
@@ -838,14 +874,20 @@ impl Node {
             return;
         }
         self.cluster.last_gossip_ms = now;
-        let mut groups: Vec<(u64, u64)> = self
+        let led = |gid: u64, g: &tern_replication::Group| LedGroup {
+            group: gid,
+            term: g.term(),
+            voters: g.voters(),
+            learners: g.learners(),
+        };
+        let mut groups: Vec<LedGroup> = self
             .partitions
             .iter()
             .filter(|(_, p)| p.group.is_leader())
-            .map(|(gid, p)| (*gid, p.group.term()))
+            .map(|(gid, p)| led(*gid, &p.group))
             .collect();
         if self.meta_group.is_leader() {
-            groups.push((META_GROUP_ID, self.meta_group.term()));
+            groups.push(led(META_GROUP_ID, &self.meta_group));
         }
         let msg = PeerMsg::Leaders {
             incarnation: self.cluster.incarnation,

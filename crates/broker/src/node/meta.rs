@@ -5,7 +5,7 @@
 //! by the proposer, so every replica stores identical definitions.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tern_proto::admin::QueueSpec;
 
 /// Raft group id of the metadata group. Partition groups get ids from 1 up.
@@ -85,6 +85,16 @@ pub enum MetaCommand {
     DeleteQueue {
         name: String,
     },
+    /// A node joins: partitions it wins by placement move to it (learner first).
+    AddNode {
+        id: u64,
+        peer_addr: String,
+    },
+    /// A node leaves: its replicas move to the remaining nodes, then it leaves the
+    /// metadata group.
+    RemoveNode {
+        id: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -94,12 +104,23 @@ pub enum MetaOutcome {
     Exists(QueueDef),
     Deleted(QueueDef),
     NotFound,
+    /// Membership changed (node added or removed).
+    Members,
+    /// A membership command that cannot apply, with the reason.
+    MembersRefused(String),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetaState {
     queues: BTreeMap<String, QueueDef>,
     next_group_id: u64,
+    /// Current members: node id -> peer address. Empty in snapshots written before
+    /// membership changes existed: the caller fills in the initial members.
+    #[serde(default)]
+    members: BTreeMap<u64, String>,
+    /// Ids that were removed: never reused, so an old node's files can't rejoin as new.
+    #[serde(default)]
+    removed: BTreeSet<u64>,
 }
 
 impl MetaState {
@@ -107,6 +128,68 @@ impl MetaState {
         MetaState {
             queues: BTreeMap::new(),
             next_group_id: 1,
+            members: BTreeMap::new(),
+            removed: BTreeSet::new(),
+        }
+    }
+
+    /// Sets the initial members if none are recorded (new state, or an old snapshot).
+    pub fn seed_members(&mut self, initial: &[(u64, String)]) {
+        if self.members.is_empty() {
+            self.members = initial.iter().cloned().collect();
+        }
+    }
+
+    pub fn members(&self) -> &BTreeMap<u64, String> {
+        &self.members
+    }
+
+    pub fn member_ids(&self) -> Vec<u64> {
+        self.members.keys().copied().collect()
+    }
+
+    /// Where partition `p` of `def` should live now: placement over the current members.
+    pub fn target_replicas(&self, def: &QueueDef, p: u16, factor: usize) -> Vec<u64> {
+        let ids = self.member_ids();
+        let factor = factor.min(ids.len()).max(1);
+        place(&def.name, def.partitions, &ids, factor)
+            .into_iter()
+            .nth(usize::from(p))
+            .unwrap_or_default()
+    }
+
+    fn apply_members(&mut self, cmd: &MetaCommand) -> MetaOutcome {
+        match cmd {
+            MetaCommand::AddNode { id, peer_addr } => {
+                if self.removed.contains(id) {
+                    return MetaOutcome::MembersRefused(format!(
+                        "node id {id} was removed; a returning node needs a new id"
+                    ));
+                }
+                if let Some(addr) = self.members.get(id) {
+                    return if addr == peer_addr {
+                        MetaOutcome::Members // idempotent retry
+                    } else {
+                        MetaOutcome::MembersRefused(format!(
+                            "node {id} is already a member at {addr}"
+                        ))
+                    };
+                }
+                self.members.insert(*id, peer_addr.clone());
+                MetaOutcome::Members
+            }
+            MetaCommand::RemoveNode { id } => {
+                if !self.members.contains_key(id) {
+                    return MetaOutcome::MembersRefused(format!("node {id} is not a member"));
+                }
+                if self.members.len() == 1 {
+                    return MetaOutcome::MembersRefused("cannot remove the last node".into());
+                }
+                self.members.remove(id);
+                self.removed.insert(*id);
+                MetaOutcome::Members
+            }
+            _ => MetaOutcome::NotFound,
         }
     }
 
@@ -139,6 +222,7 @@ impl MetaState {
                 Some(def) => MetaOutcome::Deleted(def),
                 None => MetaOutcome::NotFound,
             },
+            MetaCommand::AddNode { .. } | MetaCommand::RemoveNode { .. } => self.apply_members(cmd),
         }
     }
 

@@ -13,6 +13,7 @@
 //! - A storage error is fatal: the loop returns it and the process exits.
 
 mod cluster;
+mod membership;
 pub mod meta;
 mod partition;
 
@@ -289,7 +290,7 @@ fn start_transport(
     let members = cfg
         .members()
         .map_err(|e| NodeError::Cluster(e.to_string()))?;
-    if members.len() <= 1 {
+    if members.len() <= 1 && !cfg.join {
         return Ok(None);
     }
     let mut peers = HashMap::new();
@@ -428,10 +429,11 @@ impl Node {
         let mut gcfg = group_config(&cfg, META_GROUP_ID, true, cfg.member_ids());
         gcfg.log.segment_max_bytes = 8 * 1024 * 1024;
         let (mut meta_group, snapshot) = Group::open(&gcfg)?;
-        let meta = match snapshot {
+        let mut meta = match snapshot {
             Some(bytes) => MetaState::decode(&bytes).map_err(|e| NodeError::Meta(e.to_string()))?,
             None => MetaState::new(),
         };
+        meta.seed_members(&initial_members(&cfg));
         meta_group.campaign_if_sole_voter()?;
         // Ids made here carry the node id in their top bits (unique cluster-wide) and
         // start from the clock, so a restarted node does not reuse its old ids.
@@ -464,10 +466,8 @@ impl Node {
                 ..Default::default()
             },
         };
-        let defs: Vec<QueueDef> = node.meta.queues().cloned().collect();
-        for def in &defs {
-            node.open_partitions(def)?;
-        }
+        node.open_all_partitions()?;
+        node.sync_transport_peers();
         Ok(node)
     }
 
@@ -501,6 +501,7 @@ impl Node {
             self.release_leadership();
             if Instant::now() >= next_tick {
                 self.tick_all();
+                self.reconcile_membership();
                 next_tick = Instant::now() + tick;
             }
             busy = self.process_readies()?;
@@ -575,16 +576,49 @@ impl Node {
 
     // ----- queues and partitions -------------------------------------------------
 
+    fn open_all_partitions(&mut self) -> Result<(), NodeError> {
+        let defs: Vec<QueueDef> = self.meta.queues().cloned().collect();
+        for def in &defs {
+            self.open_partitions(def)?;
+        }
+        Ok(())
+    }
+
+    /// Opens this node's replicas of `def`'s partitions:
+    /// - a group with files here opens from them (whatever its configuration says);
+    /// - a group placed here at the queue's creation bootstraps with that placement,
+    ///   exactly as every other first replica did;
+    /// - a group placed here later (membership changed) opens *without* a
+    ///   configuration and waits for its leader to add it and send a snapshot;
+    /// - a group whose replica was removed from here stays closed unless placement
+    ///   brings it back (then it starts over without a configuration).
     fn open_partitions(&mut self, def: &QueueDef) -> Result<(), NodeError> {
         let queue: Arc<str> = Arc::from(def.name.as_str());
+        let me = self.cfg.node_id;
         for (p, gid) in def.group_ids() {
             if self.partitions.contains_key(&gid) {
                 continue;
             }
-            let replicas = def.replicas_of(p, self.cfg.node_id);
-            if !replicas.contains(&self.cfg.node_id) {
+            let dir = group_dir(&self.cfg, gid);
+            let removed = dir.join(membership::REMOVED_MARKER).exists();
+            let has_files = !removed && dir.join("state").exists();
+            let initial = def.replicas_of(p, me);
+            let target = self
+                .meta
+                .target_replicas(def, p, self.cfg.replication_factor);
+            let replicas = if has_files || (!removed && initial.contains(&me)) {
+                initial
+            } else if target.contains(&me) {
+                if removed {
+                    std::fs::remove_dir_all(&dir).map_err(|source| NodeError::DataDir {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                }
+                Vec::new()
+            } else {
                 continue; // another node's partition: reached through its leader
-            }
+            };
             let durable = def.spec.storage.as_deref() != Some("memory");
             let gcfg = group_config(&self.cfg, gid, durable, replicas);
             let config = config_from_spec(&def.spec);
@@ -1045,6 +1079,7 @@ impl Node {
         if let Some(d) = out.sync_duration {
             self.metrics.fsync_latency.observe(d.as_secs_f64());
         }
+        let membership = std::mem::take(&mut out.membership);
         let result = part.apply_ready(out, &self.metrics);
         self.pending_put_bytes = self.pending_put_bytes.saturating_sub(result.answered_bytes);
         for (purge_id, removed) in result.purged {
@@ -1052,6 +1087,9 @@ impl Node {
         }
         for (op_id, ok) in result.subscription_ops {
             self.finish_subscription_op(op_id, ok);
+        }
+        if !membership.is_empty() {
+            self.after_partition_membership(gid, &membership)?;
         }
         Ok(true)
     }
@@ -1068,6 +1106,8 @@ impl Node {
         if let Some(bytes) = out.installed_snapshot.take() {
             self.install_meta_snapshot(&bytes)?;
         }
+        let membership = std::mem::take(&mut out.membership);
+        self.after_meta_membership(&membership)?;
         for entry in out.committed {
             if entry.data.is_empty() {
                 continue; // the empty entry a new leader appends
@@ -1096,7 +1136,8 @@ impl Node {
     /// The metadata leader's snapshot replaced ours: open the partitions of queues we
     /// did not know and drop those of queues deleted meanwhile.
     fn install_meta_snapshot(&mut self, bytes: &[u8]) -> Result<(), NodeError> {
-        let new = MetaState::decode(bytes).map_err(|e| NodeError::Meta(e.to_string()))?;
+        let mut new = MetaState::decode(bytes).map_err(|e| NodeError::Meta(e.to_string()))?;
+        new.seed_members(&initial_members(&self.cfg));
         let old = std::mem::replace(&mut self.meta, new);
         let deleted: Vec<QueueDef> = old
             .queues()
@@ -1115,6 +1156,9 @@ impl Node {
         for def in &created {
             self.open_partitions(def)?;
         }
+        // Members may have changed too: new peers, and partitions placed here now.
+        self.sync_transport_peers();
+        self.open_all_partitions()?;
         tracing::info!(
             dropped = deleted.len(),
             opened = created.len(),
@@ -1131,7 +1175,11 @@ impl Node {
                 self.campaign_if_first(def);
             }
             MetaOutcome::Deleted(def) => self.drop_partitions(def),
-            MetaOutcome::Exists(_) | MetaOutcome::NotFound => {}
+            MetaOutcome::Members => {
+                self.sync_transport_peers();
+                self.open_all_partitions()?;
+            }
+            MetaOutcome::Exists(_) | MetaOutcome::NotFound | MetaOutcome::MembersRefused(_) => {}
         }
         Ok(outcome)
     }
@@ -1189,7 +1237,12 @@ impl Node {
                         Status::QueueExists,
                         format!("queue {:?} already exists", def.name),
                     )),
-                    MetaOutcome::Deleted(_) => Ok(AdminReply::Done { done: true }),
+                    MetaOutcome::Deleted(_) | MetaOutcome::Members => {
+                        Ok(AdminReply::Done { done: true })
+                    }
+                    MetaOutcome::MembersRefused(reason) => {
+                        Err(Rejection::new(Status::InvalidArgument, reason))
+                    }
                     MetaOutcome::NotFound => {
                         Err(Rejection::new(Status::UnknownQueue, "no such queue"))
                     }
@@ -1270,8 +1323,8 @@ impl Node {
     /// A queue creation with its placement: the proposer chooses the replicas, so every
     /// node stores the same definition.
     fn create_command(&self, name: String, spec: QueueSpec) -> MetaCommand {
-        let members = self.cfg.member_ids();
-        let factor = self.cfg.replication_factor.min(members.len());
+        let members = self.meta.member_ids();
+        let factor = self.cfg.replication_factor.min(members.len()).max(1);
         let replicas = meta::place(&name, spec.partitions.unwrap_or(1), &members, factor);
         MetaCommand::CreateQueue {
             name,
@@ -1365,6 +1418,51 @@ impl Node {
             }
             AdminRequest::ClusterStatus => {
                 let _ = reply.send(Ok(AdminReply::Cluster(self.cluster_status())));
+            }
+            AdminRequest::AddNode { id, peer_addr } => self.admin_add_node(id, peer_addr, reply),
+            AdminRequest::RemoveNode { id } => {
+                if !self.is_cluster() {
+                    let _ = reply.send(Err(Rejection::new(
+                        Status::InvalidArgument,
+                        "a single-node server has no members to remove",
+                    )));
+                    return;
+                }
+                self.propose_meta(MetaCommand::RemoveNode { id }, MetaWaiter::Admin(reply));
+            }
+        }
+    }
+
+    fn admin_add_node(
+        &mut self,
+        id: u64,
+        peer_addr: String,
+        reply: oneshot::Sender<Result<AdminReply, Rejection>>,
+    ) {
+        let invalid = |m: String| Err(Rejection::new(Status::InvalidArgument, m));
+        let result = if !self.is_cluster() {
+            invalid(
+                "a single-node server cannot add nodes: start the cluster with --initial-cluster"
+                    .into(),
+            )
+        } else if id == 0 {
+            invalid("node ids start at 1".into())
+        } else if peer_addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            invalid(format!("{peer_addr:?} is not HOST:PORT"))
+        } else {
+            Ok(())
+        };
+        match result {
+            Ok(()) => self.propose_meta(
+                MetaCommand::AddNode { id, peer_addr },
+                MetaWaiter::Admin(reply),
+            ),
+            Err(r) => {
+                let _ = reply.send(Err(r));
             }
         }
     }
@@ -1501,6 +1599,15 @@ impl Node {
                 "storage must be durable or memory, got {storage:?}"
             ));
         }
+        if storage == "memory" && self.transport.is_some() {
+            // A restarted replica of a memory queue comes back with an empty log, which
+            // Raft cannot take back safely; replication in memory is open work.
+            return invalid(
+                "storage=memory queues are single-node only in this version; \
+                 use durable queues in a cluster (see docs/cluster.md)"
+                    .into(),
+            );
+        }
         let partitions = spec.partitions.unwrap_or(d.partitions);
         if partitions == 0 || partitions > 1024 {
             return invalid(format!("partitions must be in 1..=1024, got {partitions}"));
@@ -1615,58 +1722,101 @@ impl Node {
 
     fn cluster_status(&self) -> serde_json::Value {
         let meta = self.meta_group.status();
+        let factor = self.cfg.replication_factor;
         let groups: Vec<serde_json::Value> = self
             .meta
             .queues()
             .flat_map(|def| {
                 def.group_ids().map(move |(p, gid)| {
-                    let replicas = def.replicas_of(p, self.cfg.node_id);
-                    match self.partitions.get(&gid) {
-                        Some(part) => {
-                            let s = part.group.status();
-                            let progress = part.group.progress();
-                            let lag: serde_json::Map<String, serde_json::Value> = progress
-                                .iter()
-                                .map(|(id, matched)| {
-                                    (id.to_string(), s.last_index.saturating_sub(*matched).into())
-                                })
-                                .collect();
-                            serde_json::json!({
-                                "queue": def.name, "partition": p, "group": gid,
-                                "leader": s.leader_id, "replicas": replicas,
-                                "term": s.term, "commit_index": s.commit_index,
-                                "applied_index": s.applied_index,
-                                "replica_lag": if lag.is_empty() { serde_json::Value::Null } else { lag.into() },
-                            })
-                        }
-                        None => serde_json::json!({
-                            "queue": def.name, "partition": p, "group": gid,
-                            "leader": self.leader_of(gid), "replicas": replicas,
-                        }),
-                    }
+                    let target = self.meta.target_replicas(def, p, factor);
+                    let mut v = self.partition_status(gid, def.replicas_of(p, self.cfg.node_id));
+                    v["queue"] = def.name.clone().into();
+                    v["partition"] = p.into();
+                    v["group"] = gid.into();
+                    v["target_replicas"] = target.into();
+                    v
                 })
             })
             .collect();
-        let members = self.cfg.members().unwrap_or_default();
-        let nodes: Vec<serde_json::Value> = if members.is_empty() {
-            vec![
-                serde_json::json!({"id": self.cfg.node_id, "addr": self.cfg.listen.to_string(), "peer_addr": self.cfg.peer_listen.to_string(), "healthy": true}),
-            ]
-        } else {
-            members
+        let meta_voters = self.meta_group.voters();
+        let meta_learners = self.meta_group.learners();
+        let mut ids: Vec<u64> = self.meta.member_ids();
+        ids.extend(
+            meta_voters
                 .iter()
-                .map(|(id, addr)| {
-                    let healthy = *id == self.cfg.node_id
-                        || self.transport.as_ref().is_some_and(|t| t.is_alive(*id));
-                    serde_json::json!({"id": id, "peer_addr": addr, "healthy": healthy})
+                .chain(&meta_learners)
+                .filter(|v| !ids.contains(v))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        let nodes: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|id| {
+                let healthy = *id == self.cfg.node_id
+                    || self.transport.as_ref().is_some_and(|t| t.is_alive(*id));
+                let role = if !self.meta.members().contains_key(id) {
+                    "leaving"
+                } else if meta_voters.contains(id) {
+                    "voter"
+                } else if meta_learners.contains(id) {
+                    "learner"
+                } else {
+                    "joining"
+                };
+                serde_json::json!({
+                    "id": id,
+                    "peer_addr": self.meta.members().get(id),
+                    "healthy": healthy,
+                    "role": role,
                 })
-                .collect()
-        };
+            })
+            .collect();
         serde_json::json!({
             "node_id": self.cfg.node_id,
             "nodes": nodes,
-            "metadata": {"leader": meta.leader_id, "term": meta.term, "commit_index": meta.commit_index},
+            "metadata": {"leader": meta.leader_id, "term": meta.term, "commit_index": meta.commit_index,
+                         "voters": meta_voters, "learners": meta_learners},
             "partitions": groups,
+        })
+    }
+
+    /// One partition's replication state: from the local replica when there is one,
+    /// else from its leader's gossip. `replicas` are the voters.
+    fn partition_status(&self, gid: u64, initial: Vec<u64>) -> serde_json::Value {
+        let Some(part) = self.partitions.get(&gid) else {
+            let (voters, learners) = self
+                .cluster
+                .replica_hints
+                .get(&gid)
+                .cloned()
+                .unwrap_or((initial, Vec::new()));
+            return serde_json::json!({
+                "leader": self.leader_of(gid), "replicas": voters, "learners": learners,
+            });
+        };
+        let s = part.group.status();
+        let lag: serde_json::Map<String, serde_json::Value> = part
+            .group
+            .progress()
+            .iter()
+            .map(|(id, matched)| (id.to_string(), s.last_index.saturating_sub(*matched).into()))
+            .collect();
+        let (voters, learners) = if part.group.is_member() || part.group.leader_id().is_none() {
+            (part.group.voters(), part.group.learners())
+        } else {
+            self.cluster
+                .replica_hints
+                .get(&gid)
+                .cloned()
+                .unwrap_or_default()
+        };
+        serde_json::json!({
+            "leader": s.leader_id, "replicas": voters, "learners": learners,
+            "term": s.term, "commit_index": s.commit_index,
+            "applied_index": s.applied_index,
+            "replica_lag": if lag.is_empty() { serde_json::Value::Null } else { lag.into() },
         })
     }
 
@@ -1765,6 +1915,14 @@ pub fn key_partition(key: &[u8], partitions: usize) -> usize {
 
 pub(crate) fn group_dir(cfg: &BrokerConfig, gid: u64) -> std::path::PathBuf {
     cfg.data_dir.join("groups").join(format!("{gid:08}"))
+}
+
+/// The founding members, as the metadata state starts with them.
+fn initial_members(cfg: &BrokerConfig) -> Vec<(u64, String)> {
+    match cfg.members() {
+        Ok(m) if !m.is_empty() => m,
+        _ => vec![(cfg.node_id, cfg.peer_listen.to_string())],
+    }
 }
 
 fn group_config(cfg: &BrokerConfig, gid: u64, durable: bool, voters: Vec<u64>) -> GroupConfig {
