@@ -4,6 +4,7 @@
 //! given by `--server` (failing over among several).
 
 mod bench;
+mod chaos;
 mod consume;
 mod dur;
 mod produce;
@@ -38,6 +39,9 @@ enum Command {
     Cluster(queue::ClusterArgs),
     /// Measure throughput and latency (ACK and end to end) with HDR histograms.
     Bench(bench::BenchArgs),
+    /// Fault-injection run: a local cluster under load, faults from a seed, then a
+    /// history check (exit 1 if an ACKed message was lost or a delivery was made up).
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Options every client command takes.
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         Command::Queue(args) => client_runtime(queue::run(args)),
         Command::Cluster(args) => client_runtime(queue::cluster(args)),
         Command::Bench(args) => client_runtime(bench::run(args)),
+        Command::Chaos(args) => client_runtime(chaos::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -28,6 +28,8 @@ use tokio_util::codec::{Decoder, Encoder};
 
 /// How often this node tells its peers which groups it leads.
 const LEADER_GOSSIP_INTERVAL_MS: u64 = 500;
+/// Consumer attachments at leaders elsewhere are sent again this often (soft state).
+const CONSUMER_REFRESH_MS: u64 = 1_000;
 /// A forwarded admin request unanswered for this long gets `unavailable`.
 const ADMIN_FORWARD_TIMEOUT_MS: u64 = 10_000;
 
@@ -37,13 +39,19 @@ pub(super) struct Forwarded {
     pub conn: ConnTx,
     pub msg: tern_queue::PutMessage,
     pub since: Instant,
+    /// Arrival order at this coordinator: resends keep it, so one producer's PUTs of
+    /// one partition reach the leader in the order it sent them.
+    pub seq: u64,
 }
 
 /// Per group: where its forwarded PUTs were last sent.
 #[derive(Default)]
 pub(super) struct ForwardGroup {
     pub sent_to: Option<NodeId>,
-    pub guids: HashSet<Guid>,
+    /// Every unanswered forwarded PUT, in arrival order (seq → GUID).
+    pub guids: BTreeMap<u64, Guid>,
+    /// Arrived since the last send to `sent_to`, in order.
+    pub unsent: Vec<Guid>,
 }
 
 /// A peer's admin request running here: (peer, its request id, our answer).
@@ -58,6 +66,7 @@ pub(super) type RemoteAdmin = (
 pub(super) struct ClusterState {
     pub forwarded: HashMap<Guid, Forwarded>,
     pub forward_groups: HashMap<u64, ForwardGroup>,
+    pub next_forward_seq: u64,
     /// Leaders learnt from gossip, for groups with no replica here: group → (leader, term).
     pub leader_hints: HashMap<u64, (NodeId, u64)>,
     /// Replica sets (voters, learners) as their leaders last gossiped them.
@@ -81,6 +90,7 @@ pub(super) struct ClusterState {
     /// Opens waiting for a queue another node is creating: (queue, open, deadline).
     pub opens_waiting: Vec<(String, Box<NodeCmd>, Instant)>,
     pub last_gossip_ms: u64,
+    pub last_consumer_refresh: Option<Instant>,
     /// Graceful stop in progress: reply when no group is led here (or at the deadline).
     pub releasing: Option<(oneshot::Sender<()>, Instant)>,
     pub last_transfer: Option<Instant>,
@@ -324,7 +334,7 @@ impl Node {
             .pending_put_bytes
             .saturating_sub(f.msg.payload.len() as u64);
         if let Some(g) = self.cluster.forward_groups.get_mut(&f.gid) {
-            g.guids.remove(guid);
+            g.guids.remove(&f.seq);
         }
         true
     }
@@ -358,24 +368,31 @@ impl Node {
         }
         self.cluster.local_conns.insert(conn.id, conn.clone());
         let group = self.cluster.forward_groups.entry(gid).or_default();
-        for m in &messages {
-            group.guids.insert(m.guid);
-        }
         for msg in messages {
-            self.cluster.forwarded.insert(
-                msg.guid,
-                Forwarded {
-                    gid,
-                    conn: conn.clone(),
-                    msg,
-                    since: received,
-                },
-            );
+            if let Some(f) = self.cluster.forwarded.get_mut(&msg.guid) {
+                // A client retransmission of a PUT still on its way (after a reconnect):
+                // its ACK now goes to the new connection; its place in line stays.
+                f.conn = conn.clone();
+                // The caller counted its bytes again; the entry is counted once.
+                self.pending_put_bytes = self
+                    .pending_put_bytes
+                    .saturating_sub(msg.payload.len() as u64);
+                continue;
+            }
+            self.cluster.next_forward_seq += 1;
+            let seq = self.cluster.next_forward_seq;
+            group.guids.insert(seq, msg.guid);
+            group.unsent.push(msg.guid);
+            let f = Forwarded {
+                gid,
+                conn: conn.clone(),
+                msg,
+                since: received,
+                seq,
+            };
+            self.cluster.forwarded.insert(f.msg.guid, f);
         }
         // Sent by `resend_forwarded` this same round, to whoever leads now.
-        if let Some(g) = self.cluster.forward_groups.get_mut(&gid) {
-            g.sent_to = None;
-        }
     }
 
     /// Sends every forwarded PUT of a group whose leader changed (or that was never
@@ -392,12 +409,19 @@ impl Node {
                 self.cluster.forward_groups.remove(&gid);
                 continue;
             }
-            if leader.is_none() || g.sent_to == leader {
+            let Some(leader) = leader else { continue };
+            let guids: Vec<Guid> = if g.sent_to == Some(leader) {
+                // Same leader: only what arrived since (in order).
+                std::mem::take(&mut g.unsent)
+            } else {
+                // New leader (or first send): everything unanswered, in arrival order.
+                g.sent_to = Some(leader);
+                g.unsent.clear();
+                g.guids.values().copied().collect()
+            };
+            if guids.is_empty() {
                 continue;
             }
-            g.sent_to = leader;
-            let guids: Vec<Guid> = g.guids.iter().copied().collect();
-            let Some(leader) = leader else { continue };
             if leader == self.cfg.node_id {
                 self.take_back_forwarded(gid, guids);
                 continue;
@@ -465,7 +489,7 @@ impl Node {
         for g in guids {
             if let Some(f) = self.cluster.forwarded.remove(&g) {
                 if let Some(fg) = self.cluster.forward_groups.get_mut(&gid) {
-                    fg.guids.remove(&g);
+                    fg.guids.remove(&f.seq);
                 }
                 if let Some(p) = self.partitions.get_mut(&gid) {
                     // Bytes stay counted: the local partition releases them on answer.
@@ -499,9 +523,21 @@ impl Node {
 
     /// Attaches a local consumer to each partition's leader elsewhere (and detaches it
     /// from a leader that no longer leads). Runs every round; cheap when nothing moved.
+    ///
+    /// An attachment is soft state at the leader: it drops it when this node goes
+    /// silent (a pause, a cut link) or restarts, and a `Consume` can be lost. So every
+    /// [`CONSUMER_REFRESH_MS`] each attachment is sent again (idempotent at the leader:
+    /// what the consumer holds stays), and a lost one heals within that time.
     pub(super) fn home_consumers(&mut self) {
         if !self.is_cluster() {
             return;
+        }
+        let refresh = self
+            .cluster
+            .last_consumer_refresh
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(CONSUMER_REFRESH_MS));
+        if refresh {
+            self.cluster.last_consumer_refresh = Some(Instant::now());
         }
         let mut moves = Vec::new();
         for (id, c) in &self.consumers {
@@ -516,6 +552,8 @@ impl Node {
                 let home = self.cluster.consumer_homes.get(&(*id, gid)).copied();
                 if leader.is_some() && leader != home {
                     moves.push((*id, gid, home, leader));
+                } else if refresh && home.is_some_and(|h| h != self.cfg.node_id) {
+                    moves.push((*id, gid, None, home));
                 }
             }
         }

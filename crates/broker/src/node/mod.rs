@@ -279,7 +279,7 @@ pub fn start(
     Ok(NodeHandle { tx, ready, thread })
 }
 
-/// Starts the node-to-node transport when the cluster has several members. Peer
+/// Starts the node-to-node transport when a member list is given. Peer
 /// messages enter the node loop's channel like client commands (a full channel slows
 /// the peer's link: back-pressure, not loss).
 fn start_transport(
@@ -290,7 +290,9 @@ fn start_transport(
     let members = cfg
         .members()
         .map_err(|e| NodeError::Cluster(e.to_string()))?;
-    if members.len() <= 1 && !cfg.join {
+    // A peer transport whenever a member list is given (even of one node, so the
+    // cluster can grow with `tern cluster add-node`).
+    if members.is_empty() && !cfg.join {
         return Ok(None);
     }
     let mut peers = HashMap::new();
@@ -1442,7 +1444,7 @@ impl Node {
         let invalid = |m: String| Err(Rejection::new(Status::InvalidArgument, m));
         let result = if !self.is_cluster() {
             invalid(
-                "a single-node server cannot add nodes: start the cluster with --initial-cluster"
+                "a server started without --initial-cluster cannot add nodes: start it with --initial-cluster 1=HOST:PORT"
                     .into(),
             )
         } else if id == 0 {
