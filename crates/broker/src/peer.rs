@@ -52,6 +52,8 @@ pub enum PeerMsg {
         conn: u64,
         handle: u32,
         guids: Vec<Guid>,
+        /// Resent after a failover: the leader may settle messages no one holds.
+        resent: bool,
     },
     /// Coordinator → leader: NACKs (GUID, delay ms).
     Nack {
@@ -171,12 +173,14 @@ impl PeerMsg {
                 conn,
                 handle,
                 guids,
+                resent,
             } => {
                 b.put_u8(T_CONFIRM);
                 b.put_u64(*group);
                 b.put_u64(*consumer);
                 b.put_u64(*conn);
                 b.put_u32(*handle);
+                b.put_u8(u8::from(*resent));
                 b.put_u32(guids.len() as u32);
                 for g in guids {
                     b.put_slice(g);
@@ -276,6 +280,7 @@ impl PeerMsg {
                 consumer: r.u64()?,
                 conn: r.u64()?,
                 handle: r.u32()?,
+                resent: r.u8()? != 0,
                 guids: r.guids()?,
             },
             tag @ (T_NACK | T_EXTEND) => {
@@ -462,6 +467,7 @@ mod tests {
                 conn: 9,
                 handle: 2,
                 guids: vec![[1; 16], [2; 16]],
+                resent: true,
             },
             PeerMsg::Nack {
                 group: 4,

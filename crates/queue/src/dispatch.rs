@@ -330,6 +330,24 @@ impl Dispatcher {
         }
     }
 
+    /// A CONFIRM resent after a failover: the consumer got the message from the
+    /// previous leader, which died before committing the CONFIRM. Accepted if the
+    /// consumer holds it here too, or if no one does and it is ready to go (settling
+    /// it spares a duplicate delivery).
+    pub fn check_resent_confirm(
+        &self,
+        consumer: ConsumerId,
+        guid: &Guid,
+    ) -> Result<(), DispatchError> {
+        if self.inflight.contains_key(guid) || !self.consumers.contains_key(&consumer) {
+            return self.check_confirm(consumer, guid);
+        }
+        match self.tracked.get(guid) {
+            Some(seq) if self.available.contains(seq) => Ok(()),
+            _ => Err(DispatchError::NotHeld),
+        }
+    }
+
     /// Failed attempts to replicate, as `Command::Attempts { bumps }` for this
     /// dispatcher's subscription, in GUID order. Empties the queue.
     pub fn take_attempt_updates(&mut self) -> Vec<(Guid, u32)> {

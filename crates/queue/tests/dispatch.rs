@@ -284,3 +284,37 @@ fn raising_the_attempt_limit_unparks() {
     let a = l.flush_attempts(2);
     assert!(a.dead_letter_due.is_empty());
 }
+
+#[test]
+fn a_confirm_resent_after_failover_settles_an_available_message_only() {
+    let mut l = Leader::new(QueueConfig::default());
+    l.d.add_consumer(1, limits(5, 1_000));
+    l.d.add_consumer(2, limits(5, 1_000));
+    l.apply(&put(0, &[1, 2], 1));
+    // As after a failover: nothing held yet, both messages ready to go.
+    assert_eq!(l.d.check_confirm(1, &guid(1)), Err(DispatchError::NotHeld));
+    assert_eq!(l.d.check_resent_confirm(1, &guid(1)), Ok(()));
+    assert_eq!(
+        l.d.check_resent_confirm(9, &guid(1)),
+        Err(DispatchError::NotHeld),
+        "not attached"
+    );
+    assert_eq!(
+        l.d.check_resent_confirm(1, &guid(77)),
+        Err(DispatchError::NotHeld),
+        "unknown"
+    );
+    // Once PUSHed to one consumer, only that consumer may confirm it.
+    let pushed = l.poll(0, 10);
+    let (holder, _, _) = pushed
+        .iter()
+        .copied()
+        .find(|(_, g, _)| *g == 1)
+        .expect("pushed");
+    let other = if holder == 1 { 2 } else { 1 };
+    assert_eq!(l.d.check_resent_confirm(holder, &guid(1)), Ok(()));
+    assert_eq!(
+        l.d.check_resent_confirm(other, &guid(1)),
+        Err(DispatchError::NotHeld)
+    );
+}

@@ -28,8 +28,16 @@ use tokio_util::codec::{Decoder, Encoder};
 
 /// How often this node tells its peers which groups it leads.
 const LEADER_GOSSIP_INTERVAL_MS: u64 = 500;
+/// A forwarded PUT unanswered this long is sent again (with all unanswered ones of
+/// its group), at most this often per group.
+const FORWARD_RESEND_MS: u64 = 2_000;
 /// Consumer attachments at leaders elsewhere are sent again this often (soft state).
 const CONSUMER_REFRESH_MS: u64 = 1_000;
+/// Most CONFIRMs remembered for resending after a failover; beyond it the new leader
+/// redelivers (at-least-once), nothing grows.
+pub(super) const MAX_FORWARDED_CONFIRMS: usize = 65_536;
+/// A forwarded CONFIRM unanswered for this long is forgotten (its message comes back).
+const FORWARDED_CONFIRM_TTL_MS: u64 = 30_000;
 /// A forwarded admin request unanswered for this long gets `unavailable`.
 const ADMIN_FORWARD_TIMEOUT_MS: u64 = 10_000;
 
@@ -48,6 +56,8 @@ pub(super) struct Forwarded {
 #[derive(Default)]
 pub(super) struct ForwardGroup {
     pub sent_to: Option<NodeId>,
+    /// When everything unanswered was last sent in full.
+    pub full_send: Option<Instant>,
     /// Every unanswered forwarded PUT, in arrival order (seq → GUID).
     pub guids: BTreeMap<u64, Guid>,
     /// Arrived since the last send to `sent_to`, in order.
@@ -91,6 +101,10 @@ pub(super) struct ClusterState {
     pub opens_waiting: Vec<(String, Box<NodeCmd>, Instant)>,
     pub last_gossip_ms: u64,
     pub last_consumer_refresh: Option<Instant>,
+    /// CONFIRMs forwarded to a leader and not yet answered: (conn, handle, guid) →
+    /// (consumer, group, since). Resent to a new leader after a failover, so the
+    /// consumer does not get the message again. Bounded by [`MAX_FORWARDED_CONFIRMS`].
+    pub forwarded_confirms: HashMap<(ConnId, u32, Guid), (ConsumerId, u64, Instant)>,
     /// Graceful stop in progress: reply when no group is led here (or at the deadline).
     pub releasing: Option<(oneshot::Sender<()>, Instant)>,
     pub last_transfer: Option<Instant>,
@@ -187,10 +201,11 @@ impl Node {
                 conn,
                 handle,
                 guids,
+                resent,
             } => {
                 let conn = self.remote_conn(from, conn);
                 if let Some(p) = self.partitions.get_mut(&group) {
-                    let rejected = p.enqueue_confirms(&conn, handle, consumer, guids);
+                    let rejected = p.enqueue_confirms(&conn, handle, consumer, guids, resent);
                     super::answer_unknown_confirms(&conn, handle, rejected);
                 }
             }
@@ -306,6 +321,14 @@ impl Node {
             }
         };
         let frame = match frame {
+            Frame::ConfirmAck { queue_id, entries } => {
+                for e in &entries {
+                    self.cluster
+                        .forwarded_confirms
+                        .remove(&(conn, queue_id, e.guid));
+                }
+                Frame::ConfirmAck { queue_id, entries }
+            }
             Frame::Ack { acks } => {
                 // Only the first ACK of a GUID goes to the client (a resend to a new
                 // leader can produce a second one, with the same outcome).
@@ -410,12 +433,24 @@ impl Node {
                 continue;
             }
             let Some(leader) = leader else { continue };
-            let guids: Vec<Guid> = if g.sent_to == Some(leader) {
+            // Same leader, but the oldest PUT is unanswered for long: the PUT or its ACK
+            // was dropped (a peer link reset while this node or the leader paused).
+            // Send everything again; the leader's GUID history answers duplicates.
+            let stuck = g.sent_to == Some(leader)
+                && g.full_send
+                    .is_none_or(|t| t.elapsed() >= Duration::from_millis(FORWARD_RESEND_MS))
+                && g.guids.values().next().is_some_and(|oldest| {
+                    self.cluster.forwarded.get(oldest).is_some_and(|f| {
+                        f.since.elapsed() >= Duration::from_millis(FORWARD_RESEND_MS)
+                    })
+                });
+            let guids: Vec<Guid> = if g.sent_to == Some(leader) && !stuck {
                 // Same leader: only what arrived since (in order).
                 std::mem::take(&mut g.unsent)
             } else {
-                // New leader (or first send): everything unanswered, in arrival order.
+                // New leader (or first send, or stuck): everything unanswered, in order.
                 g.sent_to = Some(leader);
+                g.full_send = Some(Instant::now());
                 g.unsent.clear();
                 g.guids.values().copied().collect()
             };
@@ -538,6 +573,10 @@ impl Node {
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(CONSUMER_REFRESH_MS));
         if refresh {
             self.cluster.last_consumer_refresh = Some(Instant::now());
+            let ttl = Duration::from_millis(FORWARDED_CONFIRM_TTL_MS);
+            self.cluster
+                .forwarded_confirms
+                .retain(|_, (_, _, since)| since.elapsed() < ttl);
         }
         let mut moves = Vec::new();
         for (id, c) in &self.consumers {
@@ -569,7 +608,11 @@ impl Node {
                 );
             }
             self.cluster.consumer_homes.insert((id, gid), new);
+            let moved = old.is_some_and(|o| o != new);
             if new == self.cfg.node_id {
+                if moved {
+                    self.resend_confirms(id, gid, new);
+                }
                 continue; // the local partition has it already
             }
             let Some(c) = self.consumers.get(&id) else {
@@ -586,6 +629,51 @@ impl Node {
                 max_bytes: c.limits.max_unconfirmed_bytes,
             };
             self.send_peer(new, &msg);
+            if moved {
+                self.resend_confirms(id, gid, new);
+            }
+        }
+    }
+
+    /// After consumer `id` moved to the new leader `to` of group `gid`: its CONFIRMs
+    /// the old leader never answered go to the new one.
+    fn resend_confirms(&mut self, id: ConsumerId, gid: u64, to: NodeId) {
+        let ttl = Duration::from_millis(FORWARDED_CONFIRM_TTL_MS);
+        self.cluster
+            .forwarded_confirms
+            .retain(|_, (_, _, since)| since.elapsed() < ttl);
+        let mut by_handle: BTreeMap<(ConnId, u32), Vec<Guid>> = BTreeMap::new();
+        for ((conn, handle, guid), (c, g, _)) in &self.cluster.forwarded_confirms {
+            if *c == id && *g == gid {
+                by_handle.entry((*conn, *handle)).or_default().push(*guid);
+            }
+        }
+        for ((conn, handle), guids) in by_handle {
+            tracing::debug!(
+                gid,
+                consumer = id,
+                n = guids.len(),
+                "CONFIRMs resent to the new leader"
+            );
+            if to == self.cfg.node_id {
+                let Some(c) = self.cluster.local_conns.get(&conn).cloned() else {
+                    continue;
+                };
+                if let Some(p) = self.partitions.get_mut(&gid) {
+                    let rejected = p.enqueue_confirms(&c, handle, id, guids, true);
+                    super::answer_unknown_confirms(&c, handle, rejected);
+                }
+                continue;
+            }
+            let msg = PeerMsg::Confirm {
+                group: gid,
+                consumer: id,
+                conn,
+                handle,
+                guids,
+                resent: true,
+            };
+            let _ = self.send_peer(to, &msg);
         }
     }
 

@@ -946,18 +946,30 @@ impl Node {
             match self.cluster.consumer_homes.get(&(consumer, gid)).copied() {
                 Some(home) if home != self.cfg.node_id => {
                     // Led elsewhere: the leader answers with a ConfirmAck through us.
+                    // Remembered until then, to resend if that leader fails.
+                    let since = Instant::now();
+                    for g in &guids {
+                        if self.cluster.forwarded_confirms.len() < cluster::MAX_FORWARDED_CONFIRMS {
+                            self.cluster
+                                .forwarded_confirms
+                                .insert((conn.id, handle_id, *g), (consumer, gid, since));
+                        }
+                    }
                     let msg = crate::peer::PeerMsg::Confirm {
                         group: gid,
                         consumer,
                         conn: conn.id,
                         handle: handle_id,
+                        resent: false,
                         guids,
                     };
                     self.send_peer(home, &msg);
                 }
                 _ => {
                     if let Some(part) = self.partitions.get_mut(&gid) {
-                        rejected.extend(part.enqueue_confirms(&conn, handle_id, consumer, guids));
+                        rejected.extend(
+                            part.enqueue_confirms(&conn, handle_id, consumer, guids, false),
+                        );
                     }
                 }
             }
@@ -1111,24 +1123,26 @@ impl Node {
         let membership = std::mem::take(&mut out.membership);
         self.after_meta_membership(&membership)?;
         for entry in out.committed {
-            if entry.data.is_empty() {
-                continue; // the empty entry a new leader appends
-            }
-            let outcome = match serde_json::from_slice::<MetaCommand>(&entry.data) {
-                Ok(cmd) => self.apply_meta(&cmd)?,
-                Err(e) => {
-                    tracing::error!(
-                        index = entry.index,
-                        "undecodable metadata entry skipped: {e}"
-                    );
-                    continue;
+            // An empty entry (a new leader's, or a membership change) may sit where a
+            // proposal of a deposed term was: that one is answered "retry".
+            let outcome = if entry.data.is_empty() {
+                None
+            } else {
+                match serde_json::from_slice::<MetaCommand>(&entry.data) {
+                    Ok(cmd) => Some(self.apply_meta(&cmd)?),
+                    Err(e) => {
+                        tracing::error!(
+                            index = entry.index,
+                            "undecodable metadata entry skipped: {e}"
+                        );
+                        None
+                    }
                 }
             };
             if let Some((term, waiter)) = self.meta_pending.remove(&entry.index) {
-                if term == entry.term {
-                    self.answer_meta(waiter, outcome);
-                } else {
-                    self.answer_meta_lost(waiter);
+                match outcome {
+                    Some(outcome) if term == entry.term => self.answer_meta(waiter, outcome),
+                    _ => self.answer_meta_lost(waiter),
                 }
             }
         }

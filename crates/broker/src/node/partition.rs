@@ -510,12 +510,15 @@ impl Partition {
     }
 
     /// Queues CONFIRMs checked against the dispatcher; returns GUIDs this consumer does not hold.
+    /// `resent`: CONFIRMs a coordinator sends again after a failover (see
+    /// `Dispatcher::check_resent_confirm`).
     pub fn enqueue_confirms(
         &mut self,
         conn: &ConnTx,
         handle_id: u32,
         consumer: ConsumerId,
         guids: Vec<Guid>,
+        resent: bool,
     ) -> Vec<Guid> {
         let Some((sub, _)) = self.consumers.get(&consumer) else {
             return guids;
@@ -527,7 +530,12 @@ impl Partition {
         let mut rejected = Vec::new();
         let mut accepted = Vec::new();
         for g in guids {
-            if dispatcher.check_confirm(consumer, &g).is_ok() {
+            let ok = if resent {
+                dispatcher.check_resent_confirm(consumer, &g)
+            } else {
+                dispatcher.check_confirm(consumer, &g)
+            };
+            if ok.is_ok() {
                 accepted.push(g);
             } else {
                 rejected.push(g);
@@ -710,25 +718,30 @@ impl Partition {
             self.restore_installed(bytes);
         }
         for entry in out.committed {
-            if entry.data.is_empty() {
-                continue; // a new leader's empty entry
-            }
-            let applied = match Command::decode(&entry.data) {
-                Ok(cmd) => self.state.apply(entry.index, &cmd),
-                Err(e) => {
-                    // Entries are checksummed on disk; an undecodable one is a bug, not bit rot.
-                    tracing::error!(queue = %self.queue, index = entry.index, "undecodable entry skipped: {e}");
-                    continue;
+            // A new leader's empty entry (or a membership change) applies nothing, but
+            // it may sit at the index of a proposal of ours from a deposed term: that
+            // proposal then never committed and must be proposed again.
+            let applied = if entry.data.is_empty() {
+                None
+            } else {
+                match Command::decode(&entry.data) {
+                    Ok(cmd) => Some(self.state.apply(entry.index, &cmd)),
+                    Err(e) => {
+                        // Entries are checksummed on disk; an undecodable one is a bug, not bit rot.
+                        tracing::error!(queue = %self.queue, index = entry.index, "undecodable entry skipped: {e}");
+                        None
+                    }
                 }
             };
-            if self.group.is_leader() {
-                self.leader_applied(&applied);
+            if let (Some(applied), true) = (&applied, self.group.is_leader()) {
+                self.leader_applied(applied);
             }
             if let Some(p) = self.pending.remove(&entry.index) {
-                if p.term == entry.term {
-                    self.answer(p.kind, &applied, metrics, &mut result);
-                } else {
-                    self.reproposal(p.kind, &mut result);
+                match &applied {
+                    Some(applied) if p.term == entry.term => {
+                        self.answer(p.kind, applied, metrics, &mut result)
+                    }
+                    _ => self.reproposal(p.kind, &mut result),
                 }
             }
         }
