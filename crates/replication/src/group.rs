@@ -30,6 +30,10 @@ pub struct GroupConfig {
     /// Raft drops proposals beyond this many uncommitted bytes (back-pressure).
     pub max_uncommitted_bytes: u64,
     pub log: LogOptions,
+    /// Election timeout exactly `election_tick` instead of raft-rs's random pick in
+    /// [election_tick, 2 × election_tick): for the deterministic simulator, which
+    /// supplies its own seeded jitter by skipping ticks.
+    pub fixed_election_timeout: bool,
 }
 
 impl GroupConfig {
@@ -46,6 +50,7 @@ impl GroupConfig {
             max_inflight_msgs: 256,
             max_uncommitted_bytes: 256 * 1024 * 1024,
             log: LogOptions::default(),
+            fixed_election_timeout: false,
         }
     }
 }
@@ -143,6 +148,15 @@ impl Group {
             pre_vote: true,
             max_uncommitted_size: cfg.max_uncommitted_bytes,
             ..Default::default()
+        };
+        let raft_cfg = if cfg.fixed_election_timeout {
+            raft::Config {
+                min_election_tick: cfg.election_tick,
+                max_election_tick: cfg.election_tick + 1,
+                ..raft_cfg
+            }
+        } else {
+            raft_cfg
         };
         raft_cfg.validate()?;
         let node = RawNode::new(&raft_cfg, storage, &raft_logger(cfg.group_id))?;

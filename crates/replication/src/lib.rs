@@ -17,7 +17,7 @@ mod logger;
 mod storage;
 
 pub use group::{Group, GroupConfig, GroupStatus, MembershipChange, ReadyOutput};
-pub use raft::eraftpb::{Entry, EntryType, Message};
+pub use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 pub use raft::StateRole;
 pub use storage::{LogStorage, SnapshotFile};
 
