@@ -281,6 +281,11 @@ impl Group {
         }
     }
 
+    /// Leadership is being handed to another replica: proposals are refused meanwhile.
+    pub fn is_transferring_leadership(&self) -> bool {
+        self.node.raft.lead_transferee.is_some()
+    }
+
     /// A proposed membership change is not applied yet.
     pub fn has_pending_membership_change(&self) -> bool {
         self.node.raft.has_pending_conf()

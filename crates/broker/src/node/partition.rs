@@ -569,7 +569,9 @@ impl Partition {
             self.settles.clear();
             return;
         }
-        while let Some((batch, _)) = self.parked.pop_front() {
+        // Taken out first: a batch refused again (a leadership transfer) parks anew
+        // for the next round instead of looping here.
+        for (batch, _) in std::mem::take(&mut self.parked) {
             self.propose_puts(batch, max_entry_bytes, metrics);
         }
         let batch = std::mem::take(&mut self.batch);
@@ -651,6 +653,13 @@ impl Partition {
             match self.propose(data, PendingKind::Puts { batch: chunk }, metrics) {
                 Ok(()) => {}
                 Err((PendingKind::Puts { batch }, ReplicationError::NotLeader { .. })) => {
+                    self.parked.push_back((batch, Instant::now()))
+                }
+                Err((PendingKind::Puts { batch }, ReplicationError::ProposalDropped))
+                    if self.group.is_transferring_leadership() =>
+                {
+                    // Handing leadership over (graceful stop): the PUTs wait for the new
+                    // leader (forwarded there) instead of failing.
                     self.parked.push_back((batch, Instant::now()))
                 }
                 Err((PendingKind::Puts { batch }, e)) => {
