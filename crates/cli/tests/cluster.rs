@@ -456,3 +456,68 @@ fn adding_and_removing_a_node_under_load_moves_replicas_and_loses_nothing() {
     assert_eq!(v.lost, 0, "ACKed messages lost");
     assert_eq!(v.unexpected, 0);
 }
+
+/// A memory queue in a cluster: PUTs are ACKed without fsync (`"durable":false`) once a
+/// quorum holds them in memory, so the death of one node loses none, and the killed node
+/// comes back serving (its unsynced log survived in the page cache).
+#[test]
+fn a_memory_queue_survives_the_death_of_its_leader() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(dir.path(), 3, &[]);
+    let out = run(
+        &c.nodes[0].addr(),
+        &[
+            "queue",
+            "create",
+            "transient",
+            "--storage",
+            "memory",
+            "--json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gid = group_of(&c, "transient");
+    let leader = wait_leader(&c, 0, gid);
+    let out = run(
+        &c.servers(),
+        &[
+            "produce",
+            "--queue",
+            "transient",
+            "--count",
+            "2000",
+            "--json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out.stdout);
+    assert!(
+        lines.iter().all(|l| l["durable"] == false),
+        "ACKs say memory only"
+    );
+    let mut h = History::default();
+    h.add_produce_output(&out.stdout);
+    c.nodes[leader].kill9();
+    let other = (leader + 1) % 3;
+    drain(&c.nodes[other].addr(), "transient", &mut h);
+    let v = h.check();
+    eprintln!("memory queue, leader killed: verdict {v:?}");
+    assert_eq!(v.lost, 0, "a node's death lost ACKed memory-queue messages");
+    assert_eq!(v.unexpected, 0);
+    c.nodes[leader].spawn();
+    assert!(
+        !c.nodes[leader].log().contains("not opened"),
+        "{}",
+        c.nodes[leader].log()
+    );
+}

@@ -602,6 +602,18 @@ impl Node {
                 continue;
             }
             let dir = group_dir(&self.cfg, gid);
+            let durable = def.spec.storage.as_deref() != Some("memory");
+            if !durable && !self.is_cluster() {
+                // A single node's memory queue starts empty after a restart: what was
+                // written without fsync is not trusted. (In a cluster the replicas keep
+                // it: after a process restart the page cache still has it, and after a
+                // machine crash the replica is skipped below and the others serve.)
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(NodeError::DataDir { path: dir, source }),
+                }
+            }
             let removed = dir.join(membership::REMOVED_MARKER).exists();
             let has_files = !removed && dir.join("state").exists();
             let initial = def.replicas_of(p, me);
@@ -621,10 +633,18 @@ impl Node {
             } else {
                 continue; // another node's partition: reached through its leader
             };
-            let durable = def.spec.storage.as_deref() != Some("memory");
             let gcfg = group_config(&self.cfg, gid, durable, replicas);
             let config = config_from_spec(&def.spec);
-            let part = Partition::open(queue.clone(), p, &gcfg, config.clone())?;
+            let part = match Partition::open(queue.clone(), p, &gcfg, config.clone()) {
+                Ok(part) => part,
+                Err(e) if !durable => {
+                    // A memory queue's replica that lost its unsynced tail (machine
+                    // crash): not served from here; the other replicas hold the messages.
+                    tracing::error!(queue = %def.name, partition = p, "memory queue replica not opened (its unsynced log was lost): {e}");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             self.partitions.insert(gid, part);
         }
         Ok(())
@@ -1614,15 +1634,6 @@ impl Node {
             return invalid(format!(
                 "storage must be durable or memory, got {storage:?}"
             ));
-        }
-        if storage == "memory" && self.transport.is_some() {
-            // A restarted replica of a memory queue comes back with an empty log, which
-            // Raft cannot take back safely; replication in memory is open work.
-            return invalid(
-                "storage=memory queues are single-node only in this version; \
-                 use durable queues in a cluster (see docs/cluster.md)"
-                    .into(),
-            );
         }
         let partitions = spec.partitions.unwrap_or(d.partitions);
         if partitions == 0 || partitions > 1024 {

@@ -165,11 +165,6 @@ impl Partition {
         gcfg: &GroupConfig,
         config: QueueConfig,
     ) -> Result<Self, ReplicationError> {
-        if !gcfg.durable {
-            // A memory queue starts empty after a restart: what was written without
-            // fsync is not trusted (the log could end before its commit index).
-            remove_group_dir(&gcfg.dir)?;
-        }
         let (mut group, snapshot) = Group::open(gcfg)?;
         let state = match snapshot {
             Some(bytes) => {
@@ -1326,17 +1321,6 @@ fn proto_dead_letter(d: &DeadLetterInfo) -> tern_proto::DeadLetterInfo {
         },
         attempts: d.attempts,
         original_guid: d.original_guid,
-    }
-}
-
-fn remove_group_dir(dir: &std::path::Path) -> Result<(), ReplicationError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ReplicationError::CorruptState {
-            path: dir.to_path_buf(),
-            reason: format!("cannot clear the memory queue's directory: {e}"),
-        }),
     }
 }
 
