@@ -296,6 +296,28 @@ async fn hostile_input_closes_only_that_connection() {
         Frame::ConfirmAck { entries, .. } => assert_eq!(entries[0].status, Status::UnknownMessage),
         other => panic!("expected ConfirmAck, got {other:?}"),
     }
+    // 5b. NACK of a GUID nobody holds: a notice; the connection stays (step 6 uses it).
+    c.send(Frame::Nack {
+        queue_id: ch,
+        entries: vec![tern_proto::NackEntry {
+            guid: [9; 16],
+            partition: 0,
+            delay_ms: 0,
+        }],
+    })
+    .await
+    .expect("nack");
+    match next(&mut c).await {
+        Frame::Error {
+            req_id: 0,
+            status,
+            message,
+        } => {
+            assert_eq!(status, Status::UnknownMessage);
+            assert!(message.contains("does not hold"), "{message}");
+        }
+        other => panic!("expected a notice, got {other:?}"),
+    }
     // 6. Bad queue name.
     c.send(Frame::OpenQueue {
         req_id: 9,

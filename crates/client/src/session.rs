@@ -722,7 +722,9 @@ impl Session {
             Frame::Error {
                 status, message, ..
             } => {
-                // Connection-level: the server closes next; the reader reports the loss.
+                // `unknown_message`: a notice (a NACK or Extend for a message this
+                // consumer does not hold); anything else is connection-level and the
+                // server closes next (the reader reports the loss).
                 tracing::warn!("server error: {status}: {message}");
             }
             Frame::AdminResponse {

@@ -215,10 +215,16 @@ impl Node {
                 entries,
             } => {
                 let now = now_ms();
+                let mut not_held = Vec::new();
                 if let Some(p) = self.partitions.get_mut(&group) {
                     for (guid, delay_ms) in entries {
-                        p.nack(consumer, guid, now, u64::from(delay_ms));
+                        if !p.nack(consumer, guid, now, u64::from(delay_ms)) {
+                            not_held.push((guid, "NACK"));
+                        }
                     }
+                }
+                for (guid, what) in not_held {
+                    self.notify_not_held(consumer, &guid, what);
                 }
             }
             PeerMsg::Extend {
@@ -227,10 +233,16 @@ impl Node {
                 entries,
             } => {
                 let now = now_ms();
+                let mut not_held = Vec::new();
                 if let Some(p) = self.partitions.get_mut(&group) {
                     for (guid, extra_ms) in entries {
-                        p.extend(consumer, guid, now, u64::from(extra_ms));
+                        if !p.extend(consumer, guid, now, u64::from(extra_ms)) {
+                            not_held.push((guid, "Extend"));
+                        }
                     }
+                }
+                for (guid, what) in not_held {
+                    self.notify_not_held(consumer, &guid, what);
                 }
             }
             PeerMsg::Admin { id, body } => self.remote_admin_request(from, id, &body),

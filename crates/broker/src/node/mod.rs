@@ -1017,10 +1017,27 @@ impl Node {
                 }
                 _ => {
                     if let Some(part) = self.partitions.get_mut(&gid) {
-                        part.nack(consumer, e.guid, now, u64::from(e.delay_ms));
+                        if !part.nack(consumer, e.guid, now, u64::from(e.delay_ms)) {
+                            self.notify_not_held(consumer, &e.guid, "NACK");
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// A NACK or Extend for a message this consumer does not hold: the consumer is told
+    /// with a notice (`Error`, request id 0, `unknown_message`; the connection stays).
+    fn notify_not_held(&self, consumer: ConsumerId, guid: &tern_proto::Guid, what: &str) {
+        if let Some(c) = self.consumers.get(&consumer) {
+            c.conn.send(Frame::Error {
+                req_id: 0,
+                status: Status::UnknownMessage,
+                message: format!(
+                    "{what} of {} ignored: this consumer does not hold that message",
+                    tern_proto::guid_hex(guid)
+                ),
+            });
         }
     }
 
@@ -1049,7 +1066,9 @@ impl Node {
                 }
                 _ => {
                     if let Some(part) = self.partitions.get_mut(&gid) {
-                        part.extend(consumer, e.guid, now, u64::from(e.extra_ms));
+                        if !part.extend(consumer, e.guid, now, u64::from(e.extra_ms)) {
+                            self.notify_not_held(consumer, &e.guid, "Extend");
+                        }
                     }
                 }
             }

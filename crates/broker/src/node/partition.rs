@@ -298,20 +298,21 @@ impl Partition {
     }
 
     /// NACK from the holder: redeliver now or after `delay_ms`. From anyone else: ignored.
-    pub fn nack(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, delay_ms: u64) {
+    /// False if the consumer does not hold the message (the caller tells it so).
+    pub fn nack(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, delay_ms: u64) -> bool {
         let Some(d) = self.consumer_dispatcher(consumer) else {
-            return;
+            return false;
         };
-        if d.nack(consumer, &guid, now_ms, delay_ms).is_ok() {
-            self.dispatch_dirty = true;
-        }
+        let held = d.nack(consumer, &guid, now_ms, delay_ms).is_ok();
+        self.dispatch_dirty |= held;
+        held
     }
 
-    /// The holder is still working on it: push its visibility deadline out.
-    pub fn extend(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, extra_ms: u64) {
-        if let Some(d) = self.consumer_dispatcher(consumer) {
-            let _ = d.extend(consumer, &guid, now_ms, extra_ms);
-        }
+    /// The holder is still working on it: push its visibility deadline out. False if
+    /// the consumer does not hold the message.
+    pub fn extend(&mut self, consumer: ConsumerId, guid: Guid, now_ms: u64, extra_ms: u64) -> bool {
+        self.consumer_dispatcher(consumer)
+            .is_some_and(|d| d.extend(consumer, &guid, now_ms, extra_ms).is_ok())
     }
 
     /// Proposes an admin subscribe (`create`) or unsubscribe; answered in `ApplyResult`.
