@@ -339,6 +339,11 @@ impl Transport {
 
     /// Stops every task and closes every link; returns at once (tasks end within
     /// their next wake-up, bounded by the heartbeat interval).
+    /// `shutdown` was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
     pub fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.shutdown.notify_waiters();

@@ -215,24 +215,17 @@ impl Node {
         }
     }
 
-    /// Points the transport at every current member (new members, changed addresses).
-    /// Resolution is tried once per call; a name that does not resolve yet is retried
-    /// on the next membership change or restart.
+    /// Hands the current members' peer addresses to the resolver task, which points
+    /// the transport at them (new members, changed addresses) within seconds.
     pub(super) fn sync_transport_peers(&self) {
-        let Some(t) = &self.transport else { return };
-        for (id, addr) in self.meta.members() {
-            if *id == self.cfg.node_id {
-                continue;
-            }
-            match std::net::ToSocketAddrs::to_socket_addrs(addr.as_str()).map(|mut a| a.next()) {
-                Ok(Some(sa)) => t.set_peer(*id, sa),
-                _ => tracing::warn!(
-                    node = id,
-                    addr,
-                    "cannot resolve a member's peer address yet"
-                ),
-            }
-        }
+        let me = self.cfg.node_id;
+        self.peer_book.set(
+            self.meta
+                .members()
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(id, addr)| (*id, addr.clone())),
+        );
     }
 }
 

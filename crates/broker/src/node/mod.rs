@@ -266,8 +266,9 @@ pub fn start(
     rt: &tokio::runtime::Handle,
 ) -> Result<NodeHandle, NodeError> {
     let (tx, rx) = flume::bounded(cfg.node_queue_capacity);
-    let transport = start_transport(&cfg, rt, tx.clone())?;
-    let node = Node::open(cfg, metrics, transport)?;
+    let peer_book = PeerBook::default();
+    let transport = start_transport(&cfg, rt, tx.clone(), &peer_book)?;
+    let node = Node::open(cfg, metrics, transport, peer_book)?;
     let ready = node.ready.clone();
     let thread = std::thread::Builder::new()
         .name("tern-node".into())
@@ -279,31 +280,29 @@ pub fn start(
     Ok(NodeHandle { tx, ready, thread })
 }
 
-/// Starts the node-to-node transport when a member list is given. Peer
-/// messages enter the node loop's channel like client commands (a full channel slows
-/// the peer's link: back-pressure, not loss).
+/// Starts the node-to-node transport when a member list is given (even of one node,
+/// so the cluster can grow with `tern cluster add-node`). Peer messages enter the node
+/// loop's channel like client commands (a full channel slows the peer's link:
+/// back-pressure, not loss). Peer names are resolved by [`resolve_peers`], never here:
+/// a member that is down (its name unknown to DNS) must not stop this node starting.
 fn start_transport(
     cfg: &BrokerConfig,
     rt: &tokio::runtime::Handle,
     tx: flume::Sender<NodeCmd>,
+    book: &PeerBook,
 ) -> Result<Option<tern_transport::Transport>, NodeError> {
     let members = cfg
         .members()
         .map_err(|e| NodeError::Cluster(e.to_string()))?;
-    // A peer transport whenever a member list is given (even of one node, so the
-    // cluster can grow with `tern cluster add-node`).
     if members.is_empty() && !cfg.join {
         return Ok(None);
     }
-    let mut peers = HashMap::new();
-    for (id, addr) in &members {
-        peers.insert(*id, resolve_peer(addr)?);
-    }
+    book.set(members.iter().filter(|(id, _)| *id != cfg.node_id).cloned());
     let tcfg = tern_transport::TransportConfig::new(
         cfg.node_id,
         cluster_id(&members),
         cfg.peer_listen,
-        peers,
+        HashMap::new(),
     );
     let transport = tern_transport::Transport::start(tcfg, rt, move |inbound| {
         let _ = tx.send(NodeCmd::Peer {
@@ -317,29 +316,69 @@ fn start_transport(
             cfg.peer_listen
         ))
     })?;
+    rt.spawn(resolve_peers(book.clone(), transport.clone()));
     Ok(Some(transport))
 }
 
-/// Resolves a peer's `HOST:PORT`, waiting (bounded) for DNS: in a container cluster the
-/// other members' names appear as they start.
-fn resolve_peer(addr: &str) -> Result<std::net::SocketAddr, NodeError> {
-    use std::net::ToSocketAddrs;
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// The members' peer addresses as given (`HOST:PORT`), shared between the node loop
+/// (which changes them on membership changes) and [`resolve_peers`].
+#[derive(Clone, Default)]
+pub(crate) struct PeerBook(Arc<std::sync::Mutex<BTreeMap<u64, String>>>);
+
+impl PeerBook {
+    pub(crate) fn set(&self, members: impl Iterator<Item = (u64, String)>) {
+        if let Ok(mut b) = self.0.lock() {
+            *b = members.collect();
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(u64, String)> {
+        self.0
+            .lock()
+            .map(|b| b.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// How often peer names are resolved again: a restarted container may come back at
+/// another address, and a stopped one's name may not resolve for a while.
+const PEER_RESOLVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Resolves every member's name now and then, off the node loop, and points the
+/// transport at the result. A name that does not resolve is logged once and retried;
+/// it never stops the node. Ends when the transport shuts down.
+async fn resolve_peers(book: PeerBook, transport: tern_transport::Transport) {
+    let mut known: HashMap<u64, std::net::SocketAddr> = HashMap::new();
+    let mut warned: std::collections::HashSet<u64> = std::collections::HashSet::new();
     loop {
-        match addr.to_socket_addrs().map(|mut a| a.next()) {
-            Ok(Some(a)) => return Ok(a),
-            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
-            Ok(None) => {
-                return Err(NodeError::Cluster(format!(
-                    "peer address {addr} resolves to nothing"
-                )))
-            }
-            Err(e) => {
-                return Err(NodeError::Cluster(format!(
-                    "cannot resolve peer address {addr}: {e}"
-                )))
+        for (id, name) in book.snapshot() {
+            let lookup =
+                tokio::time::timeout(PEER_RESOLVE_INTERVAL, tokio::net::lookup_host(name.clone()));
+            match lookup.await {
+                Ok(Ok(mut addrs)) => {
+                    if let Some(addr) = addrs.next() {
+                        warned.remove(&id);
+                        if known.insert(id, addr) != Some(addr) {
+                            tracing::info!(node = id, %addr, "peer address resolved");
+                            transport.set_peer(id, addr);
+                        }
+                    }
+                }
+                _ => {
+                    if warned.insert(id) {
+                        tracing::warn!(
+                            node = id,
+                            name,
+                            "cannot resolve a member's peer address yet; retrying"
+                        );
+                    }
+                }
             }
         }
+        if transport.is_shut_down() {
+            return;
+        }
+        tokio::time::sleep(PEER_RESOLVE_INTERVAL).await;
     }
 }
 
@@ -415,6 +454,8 @@ pub(crate) struct Node {
     stopping: bool,
     /// None for a single-node cluster.
     transport: Option<tern_transport::Transport>,
+    /// Members' peer addresses for the resolver task (see [`resolve_peers`]).
+    peer_book: PeerBook,
     cluster: cluster::ClusterState,
 }
 
@@ -423,6 +464,7 @@ impl Node {
         cfg: BrokerConfig,
         metrics: Arc<Metrics>,
         transport: Option<tern_transport::Transport>,
+        peer_book: PeerBook,
     ) -> Result<Node, NodeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
             path: cfg.data_dir.clone(),
@@ -463,6 +505,7 @@ impl Node {
             disk,
             stopping: false,
             transport,
+            peer_book,
             cluster: cluster::ClusterState {
                 incarnation: now_ms(),
                 ..Default::default()
