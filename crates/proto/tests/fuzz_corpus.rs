@@ -1,42 +1,12 @@
-//! Replays the `frame_decode` fuzz corpus on stable, in the normal test suite: every file
-//! under `fuzz/corpus/frame_decode/` (a minimized corpus, `cargo fuzz cmin`) and
-//! `fuzz/regressions/frame_decode/` (inputs that once failed) goes through the same check
-//! as the fuzz target. See `fuzz/README.md`.
+//! Replays the `frame_decode` fuzz corpus on stable, in the normal test suite (see
+//! `fuzz/checks/replay.rs` and `fuzz/README.md`).
 
 #[path = "../../../fuzz/checks/frame_decode.rs"]
 mod check;
-
-use std::path::{Path, PathBuf};
-
-fn inputs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = rd
-        .map(|e| e.expect("read_dir entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-}
+#[path = "../../../fuzz/checks/replay.rs"]
+mod replay;
 
 #[test]
 fn replay_frame_decode_corpus() {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
-    let corpus = inputs(&fuzz.join("corpus/frame_decode"));
-    assert!(
-        !corpus.is_empty(),
-        "no corpus under {}",
-        fuzz.join("corpus/frame_decode").display()
-    );
-    let regressions = inputs(&fuzz.join("regressions/frame_decode"));
-    for path in corpus.iter().chain(&regressions) {
-        let data = std::fs::read(path).expect("read corpus file");
-        let result = std::panic::catch_unwind(|| check::check(&data));
-        assert!(
-            result.is_ok(),
-            "frame_decode check failed on {}",
-            path.display()
-        );
-    }
+    replay::replay(env!("CARGO_MANIFEST_DIR"), "frame_decode", check::check);
 }

@@ -15,7 +15,9 @@
 //! - A peer that stops answering loses its consumers here: their messages go back to
 //!   the queue (at-least-once).
 
-use super::{now_ms, ConnId, ConnTx, Consumer, Node, NodeCmd, QueueDef, Rejection, META_GROUP_ID};
+use super::{
+    now_ms, ConnId, ConnTx, Consumer, HeldOp, Node, NodeCmd, QueueDef, Rejection, META_GROUP_ID,
+};
 use crate::peer::{LedGroup, NodeId, PeerMsg};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -213,38 +215,12 @@ impl Node {
                 group,
                 consumer,
                 entries,
-            } => {
-                let now = now_ms();
-                let mut not_held = Vec::new();
-                if let Some(p) = self.partitions.get_mut(&group) {
-                    for (guid, delay_ms) in entries {
-                        if !p.nack(consumer, guid, now, u64::from(delay_ms)) {
-                            not_held.push((guid, "NACK"));
-                        }
-                    }
-                }
-                for (guid, what) in not_held {
-                    self.notify_not_held(consumer, &guid, what);
-                }
-            }
+            } => self.apply_held_op(group, consumer, HeldOp::Nack, &entries),
             PeerMsg::Extend {
                 group,
                 consumer,
                 entries,
-            } => {
-                let now = now_ms();
-                let mut not_held = Vec::new();
-                if let Some(p) = self.partitions.get_mut(&group) {
-                    for (guid, extra_ms) in entries {
-                        if !p.extend(consumer, guid, now, u64::from(extra_ms)) {
-                            not_held.push((guid, "Extend"));
-                        }
-                    }
-                }
-                for (guid, what) in not_held {
-                    self.notify_not_held(consumer, &guid, what);
-                }
-            }
+            } => self.apply_held_op(group, consumer, HeldOp::Extend, &entries),
             PeerMsg::Admin { id, body } => self.remote_admin_request(from, id, &body),
             PeerMsg::AdminReply { id, status, body } => self.admin_reply(id, status, &body),
             PeerMsg::Leaders {

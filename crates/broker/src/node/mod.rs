@@ -400,6 +400,24 @@ enum MetaWaiter {
     Open(Box<NodeCmd>),
 }
 
+/// What a consumer asks of a message it holds, other than CONFIRM.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum HeldOp {
+    /// Give it back, now or after a delay (ms).
+    Nack,
+    /// Push its visibility deadline out (ms).
+    Extend,
+}
+
+impl HeldOp {
+    fn name(self) -> &'static str {
+        match self {
+            HeldOp::Nack => "NACK",
+            HeldOp::Extend => "Extend",
+        }
+    }
+}
+
 struct Consumer {
     conn: ConnTx,
     handle_id: u32,
@@ -1041,31 +1059,88 @@ impl Node {
     }
 
     fn handle_nack(&mut self, consumer: ConsumerId, queue: &str, entries: Vec<NackEntry>) {
+        let entries = entries
+            .into_iter()
+            .map(|e| (e.partition, e.guid, e.delay_ms));
+        self.handle_held_op(consumer, queue, HeldOp::Nack, entries);
+    }
+
+    fn handle_extend(
+        &mut self,
+        consumer: ConsumerId,
+        queue: &str,
+        entries: Vec<tern_proto::ExtendEntry>,
+    ) {
+        let entries = entries
+            .into_iter()
+            .map(|e| (e.partition, e.guid, e.extra_ms));
+        self.handle_held_op(consumer, queue, HeldOp::Extend, entries);
+    }
+
+    /// Routes NACKs or Extends (partition, GUID, ms): to the partition's leader
+    /// elsewhere, or applied here.
+    fn handle_held_op(
+        &mut self,
+        consumer: ConsumerId,
+        queue: &str,
+        op: HeldOp,
+        entries: impl Iterator<Item = (u16, tern_proto::Guid, u32)>,
+    ) {
         let Some(gids) = self.queue_partition_ids(queue) else {
             return;
         };
-        let now = now_ms();
-        for e in entries {
-            let Some(&gid) = gids.get(usize::from(e.partition)) else {
+        for (partition, guid, ms) in entries {
+            let Some(&gid) = gids.get(usize::from(partition)) else {
                 continue;
             };
             match self.cluster.consumer_homes.get(&(consumer, gid)).copied() {
                 Some(home) if home != self.cfg.node_id => {
-                    let msg = crate::peer::PeerMsg::Nack {
-                        group: gid,
-                        consumer,
-                        entries: vec![(e.guid, e.delay_ms)],
+                    let entries = vec![(guid, ms)];
+                    let msg = match op {
+                        HeldOp::Nack => crate::peer::PeerMsg::Nack {
+                            group: gid,
+                            consumer,
+                            entries,
+                        },
+                        HeldOp::Extend => crate::peer::PeerMsg::Extend {
+                            group: gid,
+                            consumer,
+                            entries,
+                        },
                     };
                     self.send_peer(home, &msg);
                 }
-                _ => {
-                    if let Some(part) = self.partitions.get_mut(&gid) {
-                        if !part.nack(consumer, e.guid, now, u64::from(e.delay_ms)) {
-                            self.notify_not_held(consumer, &e.guid, "NACK");
-                        }
-                    }
-                }
+                _ => self.apply_held_op(gid, consumer, op, &[(guid, ms)]),
             }
+        }
+    }
+
+    /// Applies NACKs (delay ms) or Extends (extra ms) of `consumer` to partition `gid`
+    /// led here; the consumer is told of any message it does not hold.
+    pub(super) fn apply_held_op(
+        &mut self,
+        gid: u64,
+        consumer: ConsumerId,
+        op: HeldOp,
+        entries: &[(tern_proto::Guid, u32)],
+    ) {
+        let Some(part) = self.partitions.get_mut(&gid) else {
+            return;
+        };
+        let now = now_ms();
+        let not_held: Vec<tern_proto::Guid> = entries
+            .iter()
+            .filter(|(guid, ms)| {
+                let held = match op {
+                    HeldOp::Nack => part.nack(consumer, *guid, now, u64::from(*ms)),
+                    HeldOp::Extend => part.extend(consumer, *guid, now, u64::from(*ms)),
+                };
+                !held
+            })
+            .map(|(guid, _)| *guid)
+            .collect();
+        for guid in not_held {
+            self.notify_not_held(consumer, &guid, op.name());
         }
     }
 
@@ -1081,40 +1156,6 @@ impl Node {
                     tern_proto::guid_hex(guid)
                 ),
             });
-        }
-    }
-
-    fn handle_extend(
-        &mut self,
-        consumer: ConsumerId,
-        queue: &str,
-        entries: Vec<tern_proto::ExtendEntry>,
-    ) {
-        let Some(gids) = self.queue_partition_ids(queue) else {
-            return;
-        };
-        let now = now_ms();
-        for e in entries {
-            let Some(&gid) = gids.get(usize::from(e.partition)) else {
-                continue;
-            };
-            match self.cluster.consumer_homes.get(&(consumer, gid)).copied() {
-                Some(home) if home != self.cfg.node_id => {
-                    let msg = crate::peer::PeerMsg::Extend {
-                        group: gid,
-                        consumer,
-                        entries: vec![(e.guid, e.extra_ms)],
-                    };
-                    self.send_peer(home, &msg);
-                }
-                _ => {
-                    if let Some(part) = self.partitions.get_mut(&gid) {
-                        if !part.extend(consumer, e.guid, now, u64::from(e.extra_ms)) {
-                            self.notify_not_held(consumer, &e.guid, "Extend");
-                        }
-                    }
-                }
-            }
         }
     }
 
