@@ -29,6 +29,8 @@ const QUEUE: &str = "chaos";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the run: a consumer that sees nothing for this long has drained the queue.
 const DRAIN_IDLE: Duration = Duration::from_secs(5);
+/// Upper bound of a damaged node's repair before the next fault.
+const REPAIR_MAX: Duration = Duration::from_secs(60);
 /// Upper bound of the drain phase.
 const DRAIN_MAX: Duration = Duration::from_secs(120);
 
@@ -38,6 +40,9 @@ pub enum Fault {
     KillLeader,
     Pause,
     Restart,
+    /// kill -9, one bit flipped in one of the node's log segments, restart: the node
+    /// must find the damage and rebuild that replica from its peers.
+    Damage,
 }
 
 impl Fault {
@@ -47,6 +52,7 @@ impl Fault {
             Fault::KillLeader => "kill-leader",
             Fault::Pause => "pause",
             Fault::Restart => "restart",
+            Fault::Damage => "damage",
         }
     }
 }
@@ -67,7 +73,7 @@ pub struct ChaosArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "kill,kill-leader,pause,restart"
+        default_value = "kill,kill-leader,pause,restart,damage"
     )]
     pub faults: Vec<Fault>,
     /// Mean time between faults (each is 50–150% of it).
@@ -473,6 +479,14 @@ async fn inject_faults(
                     eprintln!("chaos: node {} did not stop cleanly on SIGTERM", node.id);
                 }
             }
+            Fault::Damage => {
+                node.kill9();
+                match damage_a_segment(&node.dir, &mut rng) {
+                    Ok(Some(path)) => eprintln!("chaos: flipped a bit in {}", path.display()),
+                    Ok(None) => eprintln!("chaos: node {} has no segment to damage", node.id),
+                    Err(e) => eprintln!("chaos: cannot damage node {}: {e}", node.id),
+                }
+            }
         }
         if node.child.is_none() {
             if let Err(e) = node.spawn() {
@@ -482,10 +496,58 @@ async fn inject_faults(
         if let Err(e) = wait_ready(node).await {
             eprintln!("chaos: {e:#}");
         }
+        if kind == Fault::Damage {
+            // Damage stays within a minority: the next fault waits for the repair.
+            if let Err(e) = wait_repaired(node).await {
+                eprintln!("chaos: {e:#}");
+            }
+        }
         if let Some(c) = counts.iter_mut().find(|(k, _)| k == kind.name()) {
             c.1 += 1;
         }
     }
+}
+
+/// Flips one bit in the first half of one of a stopped node's log segments (synced
+/// records, with a sync marker after them). Returns the file, or None if it has none.
+fn damage_a_segment(node_dir: &Path, rng: &mut Rng) -> std::io::Result<Option<PathBuf>> {
+    let mut segments = Vec::new();
+    for group in std::fs::read_dir(node_dir.join("data/groups"))? {
+        let Ok(items) = std::fs::read_dir(group?.path().join("log")) else {
+            continue;
+        };
+        for item in items.flatten() {
+            let big = item.metadata().is_ok_and(|m| m.len() > 4096);
+            if big && item.file_name().to_string_lossy().ends_with(".log") {
+                segments.push(item.path());
+            }
+        }
+    }
+    segments.sort();
+    if segments.is_empty() {
+        return Ok(None);
+    }
+    let path = segments[rng.below(segments.len() as u64) as usize].clone();
+    let mut data = std::fs::read(&path)?;
+    let at = 64 + rng.below(data.len() as u64 / 2 - 64) as usize;
+    data[at] ^= 1 << rng.below(8);
+    std::fs::write(&path, &data)?;
+    Ok(Some(path))
+}
+
+/// Waits (bounded) until the node reports no replica still repairing.
+async fn wait_repaired(node: &Node) -> anyhow::Result<()> {
+    let deadline = Instant::now() + REPAIR_MAX;
+    while Instant::now() < deadline {
+        if let Some((200, body)) = http_get(node.http_port, "/v1/cluster").await {
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            if v["repairing"].as_array().is_some_and(|r| r.is_empty()) {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("node {} still repairing after {REPAIR_MAX:?}", node.id)
 }
 
 /// The node (index) leading a random partition, as a live node reports it.

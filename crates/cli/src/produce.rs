@@ -98,7 +98,7 @@ fn summarize(
         );
     }
     if let Some(e) = &send_error {
-        eprintln!("tern: error: {e:#}");
+        eprintln!("tern: error: {}", crate::error_text(e));
     }
     if tally.failed > 0 || send_error.is_some() {
         eprintln!(

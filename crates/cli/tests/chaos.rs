@@ -1,6 +1,7 @@
 //! The short CI version of `tern chaos`: a 3-node cluster on 127.0.0.1 under load, with
-//! kill -9 (of any node and of a leader), SIGSTOP/SIGCONT and SIGTERM restarts drawn
-//! from a seed; the history checker must find nothing lost, made up or corrupted.
+//! kill -9 (of any node and of a leader), SIGSTOP/SIGCONT, SIGTERM restarts and damaged
+//! log segments (kill -9, a bit flipped, restart: repaired from peers) drawn from a
+//! seed; the history checker must find nothing lost, made up or corrupted.
 //! Longer runs: `tern chaos --duration 10m` (see README, "Proving the guarantees").
 
 mod support;
@@ -19,7 +20,7 @@ fn a_short_chaos_run_loses_nothing() {
             "--fault-interval",
             "3s",
             "--seed",
-            "11",
+            "15",
             "--json",
             "--dir",
         ])
@@ -43,6 +44,12 @@ fn a_short_chaos_run_loses_nothing() {
     assert_eq!(report["failed"], 0, "{report}");
     assert_eq!(report["unknown"], 0, "{report}");
     assert!(report["faults"].as_u64().unwrap_or(0) >= 2, "{report}");
+    // Seed 15's schedule includes damaged segments (the rarest path).
+    let damaged = report["faults_by_kind"]
+        .as_array()
+        .and_then(|kinds| kinds.iter().find(|k| k[0] == "damage"))
+        .and_then(|k| k[1].as_u64());
+    assert!(damaged.unwrap_or(0) >= 1, "{report}");
     assert!(report["acked_ok"].as_u64().unwrap_or(0) >= 1000, "{report}");
     let lines = std::fs::read_to_string(&history).expect("history written");
     assert!(lines.lines().count() as u64 >= report["puts"].as_u64().unwrap_or(0));

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+    MessageType,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 use std::path::PathBuf;
@@ -117,12 +118,28 @@ pub struct GroupStatus {
     pub snapshot_index: u64,
     pub log_first_index: u64,
     pub log_disk_bytes: u64,
+    /// Rebuilding from peers after damage to its files: does not vote yet.
+    pub repairing: bool,
 }
+
+/// Two messages of the repair exchange (see [`Group::step`]). They travel as append
+/// responses, so transports need nothing new; only `Group::step` reads them.
+/// - replica → leader, `index` = where its log ends: "I lost entries after this";
+/// - leader → replica, `index` = what the replica had acknowledged before (the
+///   leader's match index for it, from before the reset): "catch up to this".
+const LOST_ENTRIES_CONTEXT: &[u8] = b"tern:lost-entries";
+const ACKNOWLEDGED_CONTEXT: &[u8] = b"tern:acknowledged";
 
 pub struct Group {
     node: RawNode<LogStorage>,
     group_id: u64,
     applied_index: u64,
+    /// Messages this layer itself sends (not Raft's): drained by `handle_ready`.
+    /// At most one per peer is queued.
+    outbox: Vec<Message>,
+    /// Repairing: (term, index) from that term's leader: this replica had
+    /// acknowledged entries up to `index`, so it must hold them before it votes.
+    repair_target: Option<(u64, u64)>,
 }
 
 impl Group {
@@ -166,6 +183,8 @@ impl Group {
                 node,
                 group_id: cfg.group_id,
                 applied_index: snapshot.index,
+                outbox: Vec::new(),
+                repair_target: None,
             },
             restore,
         ))
@@ -188,7 +207,7 @@ impl Group {
     /// Starts an election now (a new group's first replica, so leaders spread and a new
     /// queue does not wait for an election timeout).
     pub fn campaign(&mut self) -> Result<(), ReplicationError> {
-        if self.node.raft.state == StateRole::Leader {
+        if self.node.raft.state == StateRole::Leader || self.is_repairing() {
             return Ok(());
         }
         Ok(self.node.campaign()?)
@@ -225,8 +244,169 @@ impl Group {
         self.node.tick()
     }
 
-    pub fn step(&mut self, msg: Message) -> Result<(), ReplicationError> {
+    /// Steps a message from a peer into Raft, with the repair rules around it:
+    /// - a repairing replica grants no vote and takes no leadership (what it lost may
+    ///   be what makes a quorum intersect with the last one), and asks each new
+    ///   leader what it had acknowledged;
+    /// - a heartbeat claiming a commit index past this replica's log (the leader
+    ///   believes it holds entries it lost) is clamped, which raft-rs would otherwise
+    ///   treat as a broken invariant, and the leader is told where the log ends;
+    /// - a leader told so answers with what the replica had acknowledged and resends
+    ///   from where its log ends.
+    pub fn step(&mut self, mut msg: Message) -> Result<(), ReplicationError> {
+        if msg.get_msg_type() == MessageType::MsgAppendResponse {
+            if msg.context.as_ref() == LOST_ENTRIES_CONTEXT {
+                self.resend_lost_entries(&msg);
+                return Ok(());
+            }
+            if msg.context.as_ref() == ACKNOWLEDGED_CONTEXT {
+                return self.set_repair_target(&msg);
+            }
+        }
+        let repairing = self.is_repairing();
+        let last_index = self.node.raft.raft_log.last_index();
+        match msg.get_msg_type() {
+            MessageType::MsgRequestVote
+            | MessageType::MsgRequestPreVote
+            | MessageType::MsgTimeoutNow
+                if repairing =>
+            {
+                tracing::debug!(group = self.group_id, from = msg.from, kind = ?msg.get_msg_type(), "repairing: no vote, no leadership");
+                return Ok(());
+            }
+            MessageType::MsgHeartbeat | MessageType::MsgAppend => {
+                let lost =
+                    msg.get_msg_type() == MessageType::MsgHeartbeat && msg.commit > last_index;
+                if lost {
+                    msg.commit = last_index;
+                }
+                let unasked = repairing && self.repair_target.is_none_or(|(t, _)| t != msg.term);
+                if lost || unasked {
+                    self.tell_leader_where_the_log_ends(&msg);
+                }
+            }
+            _ => {}
+        }
         Ok(self.node.step(msg)?)
+    }
+
+    /// This replica rebuilds from its peers after damage to its files.
+    pub fn is_repairing(&self) -> bool {
+        self.node.store().repairing().is_some()
+    }
+
+    /// Queues `m` (one of the repair exchange) for `handle_ready`, replacing one
+    /// already queued for the same peer.
+    fn queue(&mut self, to: u64, term: u64, index: u64, context: &'static [u8]) {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppendResponse);
+        m.to = to;
+        m.from = self.node.raft.id;
+        m.term = term;
+        m.reject = true;
+        m.index = index;
+        m.reject_hint = index;
+        m.context = bytes::Bytes::from_static(context);
+        self.outbox.retain(|q| q.to != to);
+        self.outbox.push(m);
+    }
+
+    fn tell_leader_where_the_log_ends(&mut self, from_leader: &Message) {
+        let last = self.node.store().persisted_last_index();
+        self.queue(
+            from_leader.from,
+            from_leader.term,
+            last,
+            LOST_ENTRIES_CONTEXT,
+        );
+    }
+
+    /// Leader: a replica says where its log ends. If that is below what it had
+    /// acknowledged, it lost entries: probe it again from there (raft-rs never lowers
+    /// a replica's match index by itself and would ignore its rejections). Either way,
+    /// tell it what it had acknowledged.
+    fn resend_lost_entries(&mut self, msg: &Message) {
+        if !self.is_leader() || msg.term != self.node.raft.term {
+            return;
+        }
+        let (group, from, holds) = (self.group_id, msg.from, msg.index);
+        let Some(pr) = self.node.raft.mut_prs().get_mut(from) else {
+            return;
+        };
+        let acknowledged = pr.matched;
+        if acknowledged > holds {
+            tracing::warn!(
+                group,
+                replica = from,
+                acknowledged,
+                holds,
+                "a replica lost entries it had acknowledged: sending them again"
+            );
+            pr.matched = holds;
+            pr.become_probe();
+            pr.next_idx = holds + 1;
+        }
+        let term = self.node.raft.term;
+        self.queue(from, term, acknowledged, ACKNOWLEDGED_CONTEXT);
+    }
+
+    /// The current leader says what this replica had acknowledged. More than its log
+    /// holds, and it did not know it lost anything (a wiped disk under an old id, a
+    /// transient replica's lost tail): it becomes a repairing replica now.
+    fn set_repair_target(&mut self, msg: &Message) -> Result<(), ReplicationError> {
+        let raft = &self.node.raft;
+        if msg.term != raft.term || msg.from != raft.leader_id {
+            return Ok(());
+        }
+        if !self.is_repairing() {
+            let holds = self.node.store().persisted_last_index();
+            if msg.index <= holds {
+                return Ok(());
+            }
+            tracing::error!(
+                group = self.group_id,
+                acknowledged = msg.index,
+                holds,
+                "this replica lost entries it had acknowledged: it rebuilds from its peers and does not vote until then"
+            );
+            let commit = raft.raft_log.committed;
+            self.node.mut_store().begin_repair(commit)?;
+        }
+        self.repair_target = Some((msg.term, msg.index));
+        Ok(())
+    }
+
+    /// Ends repair once the log holds everything committed before the damage:
+    /// - everything the current leader counted this replica's acknowledgement for
+    ///   (up to the index it reported), and
+    /// - up to its commit index, the log of a leader of the current term that has
+    ///   committed an entry of its own term: by Raft's leader completeness that log
+    ///   holds every entry committed in earlier terms. That leader was elected
+    ///   without this replica's vote.
+    fn maybe_finish_repair(&mut self) -> Result<(), ReplicationError> {
+        let Some(known_commit) = self.node.store().repairing() else {
+            return Ok(());
+        };
+        let raft = &self.node.raft;
+        let Some((term, acknowledged)) = self.repair_target else {
+            return Ok(());
+        };
+        let committed = raft.raft_log.committed;
+        let needed = acknowledged.max(known_commit).max(1);
+        if raft.leader_id == 0 || term != raft.term || committed < needed {
+            return Ok(());
+        }
+        if raft.raft_log.term(committed).ok() != Some(raft.term) {
+            return Ok(());
+        }
+        self.node.mut_store().finish_repair()?;
+        self.repair_target = None;
+        tracing::info!(
+            group = self.group_id,
+            committed,
+            "repaired from peers: this replica votes again"
+        );
+        Ok(())
     }
 
     pub fn is_leader(&self) -> bool {
@@ -361,7 +541,7 @@ impl Group {
     }
 
     pub fn has_ready(&self) -> bool {
-        self.node.has_ready()
+        self.node.has_ready() || !self.outbox.is_empty()
     }
 
     /// Processes one Ready: persists entries and hard state (fsync for durable groups)
@@ -369,9 +549,16 @@ impl Group {
     /// The caller must apply every returned committed entry before calling again.
     pub fn handle_ready(&mut self) -> Result<Option<ReadyOutput>, ReplicationError> {
         if !self.node.has_ready() {
-            return Ok(None);
+            if self.outbox.is_empty() {
+                return Ok(None);
+            }
+            return Ok(Some(ReadyOutput {
+                messages: std::mem::take(&mut self.outbox),
+                ..Default::default()
+            }));
         }
         let mut out = ReadyOutput::default();
+        out.messages.append(&mut self.outbox);
         let mut rd = self.node.ready();
         if let Some(ss) = rd.ss() {
             out.role_change = Some((ss.raft_state, ss.leader_id));
@@ -418,6 +605,16 @@ impl Group {
             self.applied_index = last.index;
         }
         self.node.advance_apply();
+        if self.is_repairing() {
+            // No campaign either: its vote requests stay home.
+            out.messages.retain(|m| {
+                !matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                )
+            });
+            self.maybe_finish_repair()?;
+        }
         Ok(Some(out))
     }
 
@@ -458,6 +655,7 @@ impl Group {
             snapshot_index: store.snapshot_file().index,
             log_first_index: store.log().first_index(),
             log_disk_bytes: store.log().disk_bytes(),
+            repairing: store.repairing().is_some(),
         }
     }
 }

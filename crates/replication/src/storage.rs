@@ -14,6 +14,10 @@
 //!   the snapshot; this replica's log starts after it). Written before `snapshot`, and
 //!   used only when its index matches the snapshot's.
 //!
+//! - `repairing`: present while this replica rebuilds from its peers after damage to its
+//!   log or snapshot was found (see [`LogStorage::open`]); holds the commit index
+//!   the replica had before. `quarantine/` keeps the damaged files for study.
+//!
 //! Raft's view of the log starts after the snapshot (`first_index = snapshot + 1`),
 //! while the physical log may keep older segments: they still hold payloads of
 //! unsettled messages, which the snapshot references by location instead of copying.
@@ -30,6 +34,9 @@ use tern_log::{Log, LogOptions};
 const STATE_FILE: &str = "state";
 const SNAPSHOT_FILE: &str = "snapshot";
 const SNAPSHOT_ENTRIES_FILE: &str = "snapshot-entries";
+const LOG_DIR: &str = "log";
+const REPAIR_FILE: &str = "repairing";
+const QUARANTINE_DIR: &str = "quarantine";
 /// Largest snapshot (state plus payload entries) sent to a follower: it travels as one
 /// Raft message, under the peer transport's 64 MiB message bound.
 pub const MAX_SNAPSHOT_SEND_BYTES: usize = 48 * 1024 * 1024;
@@ -54,18 +61,62 @@ pub struct LogStorage {
     durable: bool,
     /// Term/vote/conf as last written to `state`; used to skip rewrites.
     persisted: (u64, u64, ConfState),
+    /// Set while rebuilding from peers: the commit index known before the damage.
+    repair: Option<u64>,
 }
 
 impl LogStorage {
     /// Opens or creates the storage in `dir`. `bootstrap_voters` is used only when
     /// the group has no state yet (a brand-new group).
+    ///
+    /// Damage (a bit flip, a torn synced write: anything recovery calls corruption) in
+    /// the log or snapshot files of a durable replica that has peers is repaired from
+    /// them: the damaged files move to `quarantine/`, the replica restarts empty with
+    /// its term and vote, and stays *repairing* (see [`LogStorage::repairing`]) until
+    /// a leader has brought it up to date. A lone replica, a damaged `state` file or a
+    /// transient queue's replica keep the error: there is nothing to repair from, or
+    /// no safe way to (the vote would be lost).
     pub fn open(
         dir: &Path,
         log_options: LogOptions,
         bootstrap_voters: &[u64],
         durable: bool,
     ) -> Result<LogStorage, ReplicationError> {
-        let (mut log, report) = Log::open(&dir.join("log"), log_options)?;
+        let marker = read_repair_marker(dir)?;
+        let err = match Self::open_files(dir, log_options.clone(), bootstrap_voters, durable) {
+            Ok(mut storage) => {
+                storage.repair = marker;
+                return Ok(storage);
+            }
+            Err(e) if durable && is_repairable(dir, &e) => e,
+            Err(e) => return Err(e),
+        };
+        let Some((mut hs, cs)) = read_state(&dir.join(STATE_FILE))? else {
+            return Err(err);
+        };
+        if cs.voters.len() + cs.learners.len() < 2 {
+            return Err(err);
+        }
+        let known_commit = hs.commit.max(marker.unwrap_or(0));
+        tracing::error!(dir = %dir.display(), error = %err, known_commit, "damaged replica: its log and snapshot move to quarantine/, it rebuilds from its peers and does not vote until then");
+        quarantine(dir)?;
+        tern_log::write_atomic(&dir.join(REPAIR_FILE), &known_commit.to_be_bytes())?;
+        // Term and vote stay (a vote must never be cast twice in a term); the commit
+        // index restarts at 0, since nothing is left that it could point at.
+        hs.commit = 0;
+        write_state_file(dir, &hs, &cs)?;
+        let mut storage = Self::open_files(dir, log_options, bootstrap_voters, durable)?;
+        storage.repair = Some(known_commit);
+        Ok(storage)
+    }
+
+    fn open_files(
+        dir: &Path,
+        log_options: LogOptions,
+        bootstrap_voters: &[u64],
+        durable: bool,
+    ) -> Result<LogStorage, ReplicationError> {
+        let (mut log, report) = Log::open(&dir.join(LOG_DIR), log_options)?;
         if let Some((path, offset)) = &report.torn_tail {
             tracing::warn!(path = %path.display(), offset, "truncated a torn log tail on recovery");
         }
@@ -100,7 +151,7 @@ impl LogStorage {
                 .as_ref()
                 .map(|(p, o)| format!(" (recovery cut {} at byte offset {o})", p.display()));
             return Err(ReplicationError::CorruptState {
-                path: dir.join("log"),
+                path: dir.join(LOG_DIR),
                 reason: format!(
                     "the log ends at index {} but index {durable_index} was durable{}: refusing to serve a log that lost acknowledged records",
                     log.last_index(),
@@ -119,9 +170,43 @@ impl LogStorage {
             embedded,
             durable,
             persisted,
+            repair: None,
         };
         storage.write_state()?;
         Ok(storage)
+    }
+
+    /// While this replica rebuilds from its peers after damage: the commit index it
+    /// knew before. A repairing replica must not vote or campaign (what it lost may be
+    /// needed for a quorum's intersection), see [`crate::Group`].
+    pub fn repairing(&self) -> Option<u64> {
+        self.repair
+    }
+
+    /// Starts repairing at run time: this replica learned it lost entries it had
+    /// acknowledged (see [`crate::Group`]). Durable before it answers anyone again.
+    pub fn begin_repair(&mut self, known_commit: u64) -> Result<(), ReplicationError> {
+        tern_log::write_atomic(&self.dir.join(REPAIR_FILE), &known_commit.to_be_bytes())?;
+        self.repair = Some(known_commit);
+        Ok(())
+    }
+
+    /// The replica is up to date again: it may vote from now on.
+    pub fn finish_repair(&mut self) -> Result<(), ReplicationError> {
+        let path = self.dir.join(REPAIR_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_failure(&path, e)),
+        }
+        sync_dir(&self.dir)?;
+        self.repair = None;
+        Ok(())
+    }
+
+    /// The last index this replica has persisted (log or snapshot).
+    pub fn persisted_last_index(&self) -> u64 {
+        self.raft_last_index()
     }
 
     pub fn log(&self) -> &Log {
@@ -317,10 +402,7 @@ impl LogStorage {
     }
 
     fn write_state(&mut self) -> Result<(), ReplicationError> {
-        let mut buf = BytesMut::new();
-        put_message(&mut buf, &self.hard_state)?;
-        put_message(&mut buf, &self.conf_state)?;
-        tern_log::write_atomic(&self.dir.join(STATE_FILE), &buf)?;
+        write_state_file(&self.dir, &self.hard_state, &self.conf_state)?;
         self.persisted = (
             self.hard_state.term,
             self.hard_state.vote,
@@ -466,6 +548,72 @@ fn take_message<M: protobuf::Message>(buf: &mut Bytes, path: &Path) -> Result<M,
     }
     let body = buf.split_to(len);
     M::parse_from_bytes(&body).map_err(|e| corrupt(format!("decode: {e}")))
+}
+
+fn write_state_file(dir: &Path, hs: &HardState, cs: &ConfState) -> Result<(), ReplicationError> {
+    let mut buf = BytesMut::new();
+    put_message(&mut buf, hs)?;
+    put_message(&mut buf, cs)?;
+    tern_log::write_atomic(&dir.join(STATE_FILE), &buf)?;
+    Ok(())
+}
+
+/// Damage recovery can repair from peers: anything but the `state` file (term and vote).
+fn is_repairable(dir: &Path, e: &ReplicationError) -> bool {
+    let path = match e {
+        ReplicationError::Log(tern_log::LogError::Corrupt { path, .. }) => path,
+        ReplicationError::CorruptState { path, .. } => path,
+        _ => return false,
+    };
+    path != &dir.join(STATE_FILE)
+}
+
+fn io_failure(path: &Path, e: std::io::Error) -> ReplicationError {
+    ReplicationError::CorruptState {
+        path: path.to_path_buf(),
+        reason: format!("I/O error: {e}"),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ReplicationError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_failure(dir, e))
+}
+
+/// Moves the damaged log and snapshot files into `quarantine/` (replacing an older
+/// quarantine: one set of damaged files per group is kept, bounding the disk it takes).
+fn quarantine(dir: &Path) -> Result<(), ReplicationError> {
+    let q = dir.join(QUARANTINE_DIR);
+    match std::fs::remove_dir_all(&q) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_failure(&q, e)),
+    }
+    std::fs::create_dir(&q).map_err(|e| io_failure(&q, e))?;
+    for name in [LOG_DIR, SNAPSHOT_FILE, SNAPSHOT_ENTRIES_FILE] {
+        match std::fs::rename(dir.join(name), q.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_failure(&dir.join(name), e)),
+        }
+    }
+    sync_dir(&q)?;
+    sync_dir(dir)
+}
+
+fn read_repair_marker(dir: &Path) -> Result<Option<u64>, ReplicationError> {
+    let path = dir.join(REPAIR_FILE);
+    let Some(bytes) = tern_log::read_checked(&path)? else {
+        return Ok(None);
+    };
+    let raw: [u8; 8] = bytes[..]
+        .try_into()
+        .map_err(|_| ReplicationError::CorruptState {
+            path,
+            reason: "repair marker is not 8 bytes".into(),
+        })?;
+    Ok(Some(u64::from_be_bytes(raw)))
 }
 
 fn read_state(path: &Path) -> Result<Option<(HardState, ConfState)>, ReplicationError> {

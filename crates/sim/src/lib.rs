@@ -13,6 +13,9 @@
 //!   (the broker's ACK rule) is, on every replica after healing, either unsettled with
 //!   its exact payload readable from the log, or settled by a committed CONFIRM;
 //! - **convergence**: after healing every replica reaches the same applied index.
+//! - **repair**: a replica whose files were damaged while it was down (a flipped bit
+//!   in a log segment or snapshot file, at most one replica at a time) rebuilds from
+//!   its peers and ends the run repaired, with all of the above holding for it too.
 //!
 //! Not modelled: a crash inside one fsync (the log's torn-tail recovery is tested on
 //! its own, and by the fuzz target `log_recovery`); wall-clock jumps (the state
@@ -37,6 +40,9 @@ pub struct SimConfig {
     pub dup_per_mille: u64,
     pub max_delay_steps: u64,
     pub crash_per_mille: u64,
+    /// Chance (per thousand crashes) that the crashed replica's files are damaged
+    /// while it is down: one bit flipped in a log segment or snapshot file.
+    pub damage_per_mille_of_crashes: u64,
     pub partition_per_mille: u64,
     pub put_per_mille: u64,
     pub confirm_per_mille: u64,
@@ -55,6 +61,7 @@ impl SimConfig {
             dup_per_mille: 20,
             max_delay_steps: 4,
             crash_per_mille: 8,
+            damage_per_mille_of_crashes: 250,
             partition_per_mille: 6,
             put_per_mille: 500,
             confirm_per_mille: 200,
@@ -71,6 +78,11 @@ pub struct Report {
     pub confirmed: u64,
     pub retried: u64,
     pub crashes: u64,
+    /// Crashed replicas whose files were damaged, and how many of those recovery
+    /// found damaged and repaired from peers (a flip in a torn, unsynced tail is cut
+    /// by recovery instead).
+    pub damaged: u64,
+    pub repaired: u64,
     pub partitions: u64,
     pub leader_changes: u64,
     pub snapshots_taken: u64,
@@ -128,6 +140,8 @@ struct Node {
     enqueued: BTreeSet<[u8; 16]>,
     applied_since_snapshot: u64,
     leader: bool,
+    /// Its files were damaged while down; cleared when it restarts.
+    damaged: bool,
 }
 
 struct Sim {
@@ -190,6 +204,7 @@ impl Sim {
                 enqueued: BTreeSet::new(),
                 applied_since_snapshot: 0,
                 leader: false,
+                damaged: false,
             };
             open(&mut node, &voters, cfg.seed)?;
             nodes.push(node);
@@ -266,6 +281,9 @@ impl Sim {
                     }
                 }
                 self.report.crashes += 1;
+                if self.rng.chance(self.cfg.damage_per_mille_of_crashes) {
+                    self.damage(i)?;
+                }
             }
         }
         if let Some((_, until)) = &self.partition {
@@ -285,6 +303,41 @@ impl Sim {
         Ok(())
     }
 
+    /// Flips one bit of one of replica `i`'s log segment or snapshot files, unless
+    /// another replica is damaged or repairing (damage stays within a minority).
+    fn damage(&mut self, i: usize) -> Result<(), SimError> {
+        let busy = self
+            .nodes
+            .iter()
+            .any(|n| n.damaged || n.group.as_ref().is_some_and(|g| g.is_repairing()));
+        if busy {
+            return Ok(());
+        }
+        let mut files = Vec::new();
+        collect_damageable(&self.nodes[i].dir, &mut files);
+        files.sort();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let path = files[self.rng.below(files.len() as u64) as usize].clone();
+        let (seed, step) = (self.cfg.seed, self.step);
+        let io = |e: std::io::Error| SimError::Violation {
+            seed,
+            step,
+            what: format!("damaging {}: {e}", path.display()),
+        };
+        let mut data = std::fs::read(&path).map_err(io)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let at = self.rng.below(data.len() as u64) as usize;
+        data[at] ^= 1 << self.rng.below(8);
+        std::fs::write(&path, &data).map_err(io)?;
+        self.nodes[i].damaged = true;
+        self.report.damaged += 1;
+        Ok(())
+    }
+
     fn heal(&mut self) -> Result<(), SimError> {
         self.partition = None;
         for n in &mut self.nodes {
@@ -301,6 +354,11 @@ impl Sim {
             if n.restart_at.is_some_and(|t| t <= self.step) {
                 n.restart_at = None;
                 open(n, &voters, self.cfg.seed)?;
+                if std::mem::take(&mut n.damaged)
+                    && n.group.as_ref().is_some_and(|g| g.is_repairing())
+                {
+                    self.report.repaired += 1;
+                }
             }
         }
         Ok(())
@@ -632,6 +690,9 @@ impl Sim {
         }
         for n in &self.nodes {
             let Some(g) = n.group.as_ref() else { continue };
+            if g.is_repairing() {
+                return Err(self.violation(format!("node {}: still repairing after healing", n.id)));
+            }
             for guid in &self.acked {
                 let settled = committed_confirms.contains(guid);
                 match n.state.message(guid) {
@@ -676,6 +737,26 @@ impl Sim {
             }
         }
         Ok(())
+    }
+}
+
+/// The files of a replica that damage may hit: log segments and snapshot files (not
+/// `state`, whose term and vote cannot be rebuilt, nor the repair bookkeeping).
+fn collect_damageable(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(items) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for item in items.flatten() {
+        let path = item.path();
+        let name = item.file_name();
+        let name = name.to_string_lossy();
+        if path.is_dir() {
+            if name != "quarantine" {
+                collect_damageable(&path, out);
+            }
+        } else if !matches!(name.as_ref(), "state" | "repairing") && !name.ends_with(".tmp") {
+            out.push(path);
+        }
     }
 }
 

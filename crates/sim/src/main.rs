@@ -4,6 +4,10 @@
 //!   tern-sim --seeds 500 --from 9000   seeds 9000..9500
 //!   tern-sim --seed 4242               replay one seed
 //!   tern-sim --seeds 200 --nodes 5     five replicas
+//!   tern-sim --seeds 200 --damage 0    no damaged files (default: 250 of 1000 crashes)
+//!
+//! `RUST_LOG=info tern-sim --seed N` traces the replay (Raft's own log lines and the
+//! replicas' repair steps).
 //!
 //! Exit status 1 on a violation (the seed is printed), 2 on bad arguments.
 
@@ -12,16 +16,24 @@ use std::time::Instant;
 use tern_sim::{run, SimConfig};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: tern-sim [--seed N | --seeds COUNT [--from FIRST]] [--nodes 3|5] [--steps N] [--dir DIR]");
+    eprintln!("usage: tern-sim [--seed N | --seeds COUNT [--from FIRST]] [--nodes 3|5] [--steps N] [--damage PER_MILLE_OF_CRASHES] [--dir DIR]");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
+    // RUST_LOG=info (or debug) traces a replayed seed: elections, snapshots, repairs.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut first = 1u64;
     let mut count = 100u64;
     let mut nodes = 3u64;
     let mut steps: Option<u64> = None;
+    let mut damage: Option<u64> = None;
     let mut dir = std::env::temp_dir();
     if std::path::Path::new("/dev/shm").is_dir() {
         dir = "/dev/shm".into();
@@ -39,6 +51,7 @@ fn main() -> ExitCode {
             ("--from", Some(n)) => first = n,
             ("--nodes", Some(n)) if n == 3 || n == 5 => nodes = n,
             ("--steps", Some(n)) if n > 0 => steps = Some(n),
+            ("--damage", Some(n)) if n <= 1000 => damage = Some(n),
             ("--dir", _) if value.is_some() => dir = value.unwrap_or_default().into(),
             _ => return usage(),
         }
@@ -53,6 +66,9 @@ fn main() -> ExitCode {
         if let Some(s) = steps {
             cfg.steps = s;
         }
+        if let Some(d) = damage {
+            cfg.damage_per_mille_of_crashes = d;
+        }
         match run(cfg, &dir) {
             Ok(r) => {
                 if count == 1 {
@@ -62,6 +78,8 @@ fn main() -> ExitCode {
                 totals.confirmed += r.confirmed;
                 totals.retried += r.retried;
                 totals.crashes += r.crashes;
+                totals.damaged += r.damaged;
+                totals.repaired += r.repaired;
                 totals.partitions += r.partitions;
                 totals.leader_changes += r.leader_changes;
                 totals.snapshots_installed += r.snapshots_installed;
@@ -76,12 +94,14 @@ fn main() -> ExitCode {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "{count} seeds from {first} passed in {:.1} s: {} PUTs ACKed, {} confirmed, {} retried, {} crashes, {} partitions, {} leader changes, {} snapshots installed, {} messages dropped",
+        "{count} seeds from {first} passed in {:.1} s: {} PUTs ACKed, {} confirmed, {} retried, {} crashes ({} with damaged files, {} repaired from peers), {} partitions, {} leader changes, {} snapshots installed, {} messages dropped",
         started.elapsed().as_secs_f64(),
         totals.acked_puts,
         totals.confirmed,
         totals.retried,
         totals.crashes,
+        totals.damaged,
+        totals.repaired,
         totals.partitions,
         totals.leader_changes,
         totals.snapshots_installed,

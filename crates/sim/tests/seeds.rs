@@ -1,6 +1,6 @@
 //! The CI share of the deterministic simulation: a few hundred seeds of a 3-replica
-//! group and some of a 5-replica one, each with crashes, partitions, message loss,
-//! duplication and reordering. Thousands more: `cargo run --release -p tern-sim --
+//! group and some of a 5-replica one, each with crashes (some with a damaged file to
+//! repair from peers), partitions, message loss, duplication and reordering. Thousands more: `cargo run --release -p tern-sim --
 //! --seeds 5000` (see README, "Proving the guarantees").
 
 use tern_sim::{run, SimConfig};
@@ -25,6 +25,8 @@ fn seeds(first: u64, count: u64, nodes: u64) -> tern_sim::Report {
             .unwrap_or_else(|e| panic!("{e}\nreplay: tern-sim --seed {seed} --nodes {nodes}"));
         total.acked_puts += r.acked_puts;
         total.crashes += r.crashes;
+        total.damaged += r.damaged;
+        total.repaired += r.repaired;
         total.partitions += r.partitions;
         total.snapshots_installed += r.snapshots_installed;
     }
@@ -38,6 +40,8 @@ fn three_replicas_keep_every_acked_message_over_many_seeds() {
     // The run exercised what it claims to.
     assert!(t.acked_puts > 10_000 && t.crashes > 100 && t.partitions > 100);
     assert!(t.snapshots_installed > 50, "{t:?}");
+    // Replicas with damaged files were repaired from their peers, without a loss.
+    assert!(t.repaired > 30, "{t:?}");
 }
 
 #[test]

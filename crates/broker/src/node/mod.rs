@@ -1903,12 +1903,24 @@ impl Node {
                 })
             })
             .collect();
+        // Groups whose replica on this node rebuilds from its peers after damage.
+        let mut repairing: Vec<u64> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| p.group.is_repairing())
+            .map(|(gid, _)| *gid)
+            .collect();
+        repairing.sort_unstable();
+        if self.meta_group.is_repairing() {
+            repairing.insert(0, META_GROUP_ID);
+        }
         serde_json::json!({
             "node_id": self.cfg.node_id,
             "nodes": nodes,
             "metadata": {"leader": meta.leader_id, "term": meta.term, "commit_index": meta.commit_index,
                          "voters": meta_voters, "learners": meta_learners},
             "partitions": groups,
+            "repairing": repairing,
         })
     }
 
