@@ -16,6 +16,9 @@
 //! Pure data structure, no I/O except [`History::write_jsonl`]; not thread-safe by
 //! itself (wrap it in a mutex when several tasks record).
 
+mod rng;
+
+pub use rng::SeededRng;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

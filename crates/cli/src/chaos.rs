@@ -20,7 +20,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tern_checker::{digest, Event, History, Outcome};
+use tern_checker::{digest, Event, History, Outcome, SeededRng};
 use tern_client::{guid_hex, Client, ClientConfig, ConsumerOptions, OutMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -106,27 +106,6 @@ pub struct ChaosArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
-}
-
-/// xorshift64*: a tiny seeded generator, so a schedule replays from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn between_ms(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi.saturating_sub(lo) + 1))
-    }
 }
 
 fn now_ms() -> u64 {
@@ -434,7 +413,7 @@ async fn inject_faults(
     end: Instant,
     history: &Shared,
 ) -> Vec<(String, u64)> {
-    let mut rng = Rng::new(args.seed);
+    let mut rng = SeededRng::new(args.seed);
     let mut counts: Vec<(String, u64)> = args
         .faults
         .iter()
@@ -510,7 +489,7 @@ async fn inject_faults(
 
 /// Flips one bit in the first half of one of a stopped node's log segments (synced
 /// records, with a sync marker after them). Returns the file, or None if it has none.
-fn damage_a_segment(node_dir: &Path, rng: &mut Rng) -> std::io::Result<Option<PathBuf>> {
+fn damage_a_segment(node_dir: &Path, rng: &mut SeededRng) -> std::io::Result<Option<PathBuf>> {
     let mut segments = Vec::new();
     for group in std::fs::read_dir(node_dir.join("data/groups"))? {
         let Ok(items) = std::fs::read_dir(group?.path().join("log")) else {
@@ -551,7 +530,7 @@ async fn wait_repaired(node: &Node) -> anyhow::Result<()> {
 }
 
 /// The node (index) leading a random partition, as a live node reports it.
-async fn leader_of_some_partition(nodes: &[Node], rng: &mut Rng) -> Option<usize> {
+async fn leader_of_some_partition(nodes: &[Node], rng: &mut SeededRng) -> Option<usize> {
     for n in nodes {
         let Some((200, body)) = http_get(n.http_port, "/v1/cluster").await else {
             continue;
@@ -718,16 +697,6 @@ async fn consume(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_seed_replays_the_same_schedule() {
-        let draw = |seed| {
-            let mut r = Rng::new(seed);
-            (0..8).map(|_| r.below(1000)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(7), draw(7));
-        assert_ne!(draw(7), draw(8));
-    }
 
     #[test]
     fn payloads_are_deterministic_and_sized() {

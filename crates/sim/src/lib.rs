@@ -24,6 +24,7 @@
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use tern_checker::SeededRng;
 use tern_queue::{Command, ConfirmOutcome, Outcome, PartitionState, PutMessage, PutOutcome};
 use tern_replication::{Group, GroupConfig, Message, ReplicationError};
 
@@ -103,27 +104,6 @@ pub enum SimError {
     Violation { seed: u64, step: u64, what: String },
 }
 
-/// xorshift64*: the only source of randomness of a run.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
-
 /// A client request waiting for its entry to apply on the replica that proposed it.
 enum Proposal {
     Puts(Vec<[u8; 16]>),
@@ -146,7 +126,8 @@ struct Node {
 
 struct Sim {
     cfg: SimConfig,
-    rng: Rng,
+    /// The only source of randomness of a run.
+    rng: SeededRng,
     nodes: Vec<Node>,
     /// (deliver at step, sequence) → message: a BTreeMap keeps delivery deterministic.
     net: BTreeMap<(u64, u64), Message>,
@@ -210,7 +191,7 @@ impl Sim {
             nodes.push(node);
         }
         Ok(Sim {
-            rng: Rng::new(cfg.seed),
+            rng: SeededRng::new(cfg.seed),
             report: Report {
                 seed: cfg.seed,
                 ..Report::default()
