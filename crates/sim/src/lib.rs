@@ -12,7 +12,9 @@
 //! - **nothing ACKed is lost**: a PUT whose entry committed in the proposer's term
 //!   (the broker's ACK rule) is, on every replica after healing, either unsettled with
 //!   its exact payload readable from the log, or settled by a committed CONFIRM;
-//! - **convergence**: after healing every replica reaches the same applied index.
+//! - **convergence**: after healing every replica reaches the same applied index;
+//! - **the history checker's verdict** (`tern-checker`, the same one `tern chaos`
+//!   uses) over each replica after healing: lost, unexpected and corrupted are 0.
 //! - **repair**: a replica whose files were damaged while it was down (a flipped bit
 //!   in a log segment or snapshot file, at most one replica at a time) rebuilds from
 //!   its peers and ends the run repaired, with all of the above holding for it too.
@@ -90,6 +92,9 @@ pub struct Report {
     pub snapshots_installed: u64,
     pub messages_delivered: u64,
     pub messages_dropped: u64,
+    /// Messages the history checker found on the replicas after healing (each
+    /// replica counted), unsettled or settled by a committed CONFIRM.
+    pub checked_messages: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -645,7 +650,70 @@ impl Sim {
         out
     }
 
-    fn final_check(&self) -> Result<(), SimError> {
+    /// The verdict of the history checker (`tern-checker`, the one `tern chaos` uses)
+    /// over what replica `n` holds after healing: every PUT with its outcome (ACKed,
+    /// or unknown: its proposer died or was deposed), and as deliveries every message
+    /// still unsettled there (its payload read back from the log) and every message a
+    /// committed CONFIRM settled. Lost, unexpected and corrupted must be 0.
+    fn checker_verdict(
+        &self,
+        n: &Node,
+        g: &Group,
+        confirmed: &BTreeSet<[u8; 16]>,
+    ) -> Result<tern_checker::Report, SimError> {
+        let hex = |g: &[u8; 16]| g.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let mut h = tern_checker::History::new();
+        for seq in 1..self.next_guid {
+            let guid = guid_of(seq);
+            let outcome = if self.acked.contains(&guid) {
+                tern_checker::Outcome::Ok
+            } else {
+                tern_checker::Outcome::Unknown
+            };
+            h.record(tern_checker::Event::Put {
+                guid: hex(&guid),
+                producer: 0,
+                seq,
+                key: None,
+                digest: tern_checker::digest(&payload_of(&guid)),
+                sent_ms: 0,
+                done_ms: 0,
+                outcome,
+            });
+        }
+        let deliver = |guid: &[u8; 16], digest: u64| tern_checker::Event::Deliver {
+            guid: hex(guid),
+            consumer: n.id as u32,
+            digest,
+            attempt: 1,
+            partition: 0,
+            at_ms: 0,
+        };
+        for seq in 1..self.next_guid {
+            let guid = guid_of(seq);
+            if let Some(meta) = n.state.message(&guid) {
+                let data = g.entry_data(meta.location.index).map_err(|e| {
+                    self.violation(format!("node {}: payload unreadable: {e}", n.id))
+                })?;
+                let (off, len) = (meta.location.offset as usize, meta.location.len as usize);
+                let payload = data.get(off..off + len).unwrap_or_default();
+                h.record(deliver(&guid, tern_checker::digest(payload)));
+            } else if confirmed.contains(&guid) {
+                h.record(deliver(&guid, tern_checker::digest(&payload_of(&guid))));
+            }
+        }
+        let report = h.check();
+        if !report.passed() {
+            return Err(self.violation(format!(
+                "node {}: the history checker fails it:\n{}",
+                n.id,
+                report.table()
+            )));
+        }
+        Ok(report)
+    }
+
+    fn final_check(&mut self) -> Result<(), SimError> {
         let committed_confirms = self.committed_confirms();
         let applied: Vec<u64> = self
             .nodes
@@ -716,6 +784,11 @@ impl Sim {
                     }
                 }
             }
+        }
+        for n in &self.nodes {
+            let Some(g) = n.group.as_ref() else { continue };
+            let report = self.checker_verdict(n, g, &committed_confirms)?;
+            self.report.checked_messages += report.delivered_unique;
         }
         Ok(())
     }

@@ -84,6 +84,7 @@ fn main() -> ExitCode {
                 totals.leader_changes += r.leader_changes;
                 totals.snapshots_installed += r.snapshots_installed;
                 totals.messages_dropped += r.messages_dropped;
+                totals.checked_messages += r.checked_messages;
             }
             Err(e) => {
                 eprintln!("FAIL: {e}\nreplay: tern-sim --seed {seed} --nodes {nodes}");
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "{count} seeds from {first} passed in {:.1} s: {} PUTs ACKed, {} confirmed, {} retried, {} crashes ({} with damaged files, {} repaired from peers), {} partitions, {} leader changes, {} snapshots installed, {} messages dropped",
+        "{count} seeds from {first} passed in {:.1} s: {} PUTs ACKed, {} confirmed, {} retried, {} crashes ({} with damaged files, {} repaired from peers), {} partitions, {} leader changes, {} snapshots installed, {} messages dropped; the history checker found {} messages on the replicas, none lost, made up or corrupted",
         started.elapsed().as_secs_f64(),
         totals.acked_puts,
         totals.confirmed,
@@ -105,7 +106,8 @@ fn main() -> ExitCode {
         totals.partitions,
         totals.leader_changes,
         totals.snapshots_installed,
-        totals.messages_dropped
+        totals.messages_dropped,
+        totals.checked_messages
     );
     ExitCode::SUCCESS
 }

@@ -27,6 +27,7 @@ fn seeds(first: u64, count: u64, nodes: u64) -> tern_sim::Report {
         total.crashes += r.crashes;
         total.damaged += r.damaged;
         total.repaired += r.repaired;
+        total.checked_messages += r.checked_messages;
         total.partitions += r.partitions;
         total.snapshots_installed += r.snapshots_installed;
     }
@@ -39,6 +40,8 @@ fn three_replicas_keep_every_acked_message_over_many_seeds() {
     eprintln!("3 replicas, 300 seeds: {t:?}");
     // The run exercised what it claims to.
     assert!(t.acked_puts > 10_000 && t.crashes > 100 && t.partitions > 100);
+    // The history checker saw every replica's messages after healing.
+    assert!(t.checked_messages > 2 * t.acked_puts, "{t:?}");
     assert!(t.snapshots_installed > 50, "{t:?}");
     // Replicas with damaged files were repaired from their peers, without a loss.
     assert!(t.repaired > 30, "{t:?}");
