@@ -725,3 +725,106 @@ fn read_snapshot(path: &Path) -> Result<Option<SnapshotFile>, ReplicationError> 
         data: bytes,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VOTERS: [u64; 3] = [1, 2, 3];
+
+    /// A durable replica with 50 synced entries of term 3, having voted for 2 and
+    /// known entries up to 40 committed.
+    fn filled(dir: &Path, voters: &[u64]) {
+        let mut s = LogStorage::open(dir, LogOptions::default(), voters, true).expect("open");
+        let hs = HardState {
+            term: 3,
+            vote: 2,
+            ..Default::default()
+        };
+        s.set_hard_state(&hs).expect("hard state");
+        let entries: Vec<Entry> = (1..=50)
+            .map(|index| Entry {
+                index,
+                term: 3,
+                data: vec![7u8; 300].into(),
+                ..Default::default()
+            })
+            .collect();
+        s.append(&entries).expect("append");
+        s.sync().expect("sync");
+        s.set_commit(40);
+        let cs = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
+        s.set_conf_state(cs).expect("state file");
+    }
+
+    fn flip_a_bit_mid_segment(dir: &Path) {
+        let seg = std::fs::read_dir(dir.join(LOG_DIR))
+            .expect("log dir")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "log"))
+            .expect("a segment");
+        let mut data = std::fs::read(&seg).expect("read");
+        let middle = data.len() / 2;
+        data[middle] ^= 0x04;
+        std::fs::write(&seg, data).expect("write");
+    }
+
+    #[test]
+    fn damage_is_quarantined_and_repair_keeps_term_and_vote_across_restarts() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        filled(dir, &VOTERS);
+        flip_a_bit_mid_segment(dir);
+
+        let s = LogStorage::open(dir, LogOptions::default(), &VOTERS, true).expect("repairs");
+        assert_eq!(s.repairing(), Some(40), "remembers what was committed");
+        let hs = s.hard_state();
+        assert_eq!((hs.term, hs.vote, hs.commit), (3, 2, 0));
+        assert_eq!(s.persisted_last_index(), 0, "starts empty");
+        assert!(dir.join(QUARANTINE_DIR).join(LOG_DIR).is_dir());
+        drop(s);
+
+        // A restart in the middle of the repair is still repairing.
+        let mut s = LogStorage::open(dir, LogOptions::default(), &VOTERS, true).expect("reopen");
+        assert_eq!(s.repairing(), Some(40));
+        s.finish_repair().expect("finish");
+        drop(s);
+        let s = LogStorage::open(dir, LogOptions::default(), &VOTERS, true).expect("reopen");
+        assert_eq!(s.repairing(), None);
+    }
+
+    #[test]
+    fn a_lone_or_transient_replica_refuses_damage() {
+        for (voters, durable) in [(&[1u64][..], true), (&VOTERS[..], false)] {
+            let tmp = tempfile::tempdir().expect("tmp");
+            let dir = tmp.path();
+            filled(dir, voters);
+            flip_a_bit_mid_segment(dir);
+            let err = LogStorage::open(dir, LogOptions::default(), voters, durable)
+                .err()
+                .expect("nothing to repair from: refuse");
+            assert!(err.to_string().contains("corrupt"), "{err}");
+            assert!(!dir.join(QUARANTINE_DIR).exists());
+        }
+    }
+
+    #[test]
+    fn a_damaged_state_file_is_not_repaired() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        filled(dir, &VOTERS);
+        let path = dir.join(STATE_FILE);
+        let mut data = std::fs::read(&path).expect("read");
+        let last = data.len() - 1;
+        data[last] ^= 0x01;
+        std::fs::write(&path, data).expect("write");
+        let err = LogStorage::open(dir, LogOptions::default(), &VOTERS, true)
+            .err()
+            .expect("term and vote are unknown: refuse");
+        assert!(err.to_string().contains("state"), "{err}");
+    }
+}
