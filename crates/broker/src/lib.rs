@@ -9,12 +9,15 @@
 //! Threads: one `tern-node` OS thread (all Raft groups, all disk I/O) and a tokio
 //! runtime for sockets and HTTP.
 
+pub mod clock;
 pub mod config;
 mod conn;
 mod http;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 pub use config::{BrokerConfig, ConfigError, QueueDefaults};
 

@@ -6,6 +6,9 @@
 //! CONFIRMs) and crashes with restarts from disk. A failing seed replays exactly:
 //! `tern-sim --seed N`.
 //!
+//! [`cluster`] simulates whole clusters of production node loops the same way
+//! (`tern-sim --cluster`).
+//!
 //! Checked at every applied entry and after healing:
 //! - **one history**: every replica applies the same entry at the same index;
 //! - **no duplicates**: a GUID is enqueued at most once per replica, retries included;
@@ -22,6 +25,8 @@
 //! Not modelled: a crash inside one fsync (the log's torn-tail recovery is tested on
 //! its own, and by the fuzz target `log_recovery`); wall-clock jumps (the state
 //! machine takes time from the entries it applies).
+
+pub mod cluster;
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};

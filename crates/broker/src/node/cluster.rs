@@ -18,12 +18,13 @@
 use super::{
     now_ms, ConnId, ConnTx, Consumer, HeldOp, Node, NodeCmd, QueueDef, Rejection, META_GROUP_ID,
 };
+use crate::clock::{Map, Set};
 use crate::peer::{LedGroup, NodeId, PeerMsg};
 use bytes::{Bytes, BytesMut};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tern_proto::admin::{AdminReply, AdminRequest};
-use tern_proto::{Frame, FrameCodec, Guid, Status};
+use tern_proto::{AckEntry, Frame, FrameCodec, Guid, Status};
 use tern_queue::{Command, ConsumerId, FlowLimits};
 use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, Encoder};
@@ -76,37 +77,37 @@ pub(super) type RemoteAdmin = (
 /// The coordinator's cluster-facing state.
 #[derive(Default)]
 pub(super) struct ClusterState {
-    pub forwarded: HashMap<Guid, Forwarded>,
-    pub forward_groups: HashMap<u64, ForwardGroup>,
+    pub forwarded: Map<Guid, Forwarded>,
+    pub forward_groups: Map<u64, ForwardGroup>,
     pub next_forward_seq: u64,
     /// Leaders learnt from gossip, for groups with no replica here: group → (leader, term).
-    pub leader_hints: HashMap<u64, (NodeId, u64)>,
+    pub leader_hints: Map<u64, (NodeId, u64)>,
     /// Replica sets (voters, learners) as their leaders last gossiped them.
-    pub replica_hints: HashMap<u64, (Vec<u64>, Vec<u64>)>,
+    pub replica_hints: Map<u64, (Vec<u64>, Vec<u64>)>,
     /// Where each local consumer is attached per group it reads.
-    pub consumer_homes: HashMap<(ConsumerId, u64), NodeId>,
+    pub consumer_homes: Map<(ConsumerId, u64), NodeId>,
     /// Consumers of other nodes attached here: consumer → (node, its incarnation, groups).
-    pub remote_consumers: HashMap<ConsumerId, (NodeId, u64, HashSet<u64>)>,
+    pub remote_consumers: Map<ConsumerId, (NodeId, u64, Set<u64>)>,
     /// The latest incarnation seen per peer: a new one means the peer restarted, and
     /// the consumers its previous process attached here are gone.
-    pub peer_incarnations: HashMap<NodeId, u64>,
+    pub peer_incarnations: Map<NodeId, u64>,
     /// This process's incarnation (its start time in ms).
     pub incarnation: u64,
     /// Client connections of this node, to deliver frames coming back from leaders.
-    pub local_conns: HashMap<ConnId, ConnTx>,
+    pub local_conns: Map<ConnId, ConnTx>,
     /// Admin requests forwarded to the metadata leader: id → (reply, deadline).
-    pub admin_waits: HashMap<u64, (oneshot::Sender<Result<AdminReply, Rejection>>, Instant)>,
+    pub admin_waits: Map<u64, (oneshot::Sender<Result<AdminReply, Rejection>>, Instant)>,
     pub next_admin_id: u64,
     /// Admin requests of peers running here: (peer, their id, our reply channel).
     pub remote_admin: Vec<RemoteAdmin>,
     /// Opens waiting for a queue another node is creating: (queue, open, deadline).
     pub opens_waiting: Vec<(String, Box<NodeCmd>, Instant)>,
-    pub last_gossip_ms: u64,
+    pub last_gossip: Option<Instant>,
     pub last_consumer_refresh: Option<Instant>,
     /// CONFIRMs forwarded to a leader and not yet answered: (conn, handle, guid) →
     /// (consumer, group, since). Resent to a new leader after a failover, so the
     /// consumer does not get the message again. Bounded by [`MAX_FORWARDED_CONFIRMS`].
-    pub forwarded_confirms: HashMap<(ConnId, u32, Guid), (ConsumerId, u64, Instant)>,
+    pub forwarded_confirms: Map<(ConnId, u32, Guid), (ConsumerId, u64, Instant)>,
     /// Graceful stop in progress: reply when no group is led here (or at the deadline).
     pub releasing: Option<(oneshot::Sender<()>, Instant)>,
     pub last_transfer: Option<Instant>,
@@ -291,7 +292,7 @@ impl Node {
             Some(p) if p.group.is_leader() => {
                 let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
                 self.pending_put_bytes += bytes;
-                p.enqueue_puts(conn, messages, Instant::now());
+                p.enqueue_puts(conn, messages, crate::clock::now());
             }
             _ => {}
         }
@@ -319,15 +320,25 @@ impl Node {
             }
             Frame::Ack { acks } => {
                 // Only the first ACK of a GUID goes to the client (a resend to a new
-                // leader can produce a second one, with the same outcome).
-                let acks: Vec<_> = acks
-                    .into_iter()
-                    .filter(|a| self.take_forwarded(&a.guid))
-                    .collect();
-                if acks.is_empty() {
-                    return;
+                // leader can produce a second one, with the same outcome). It goes to
+                // the connection that is waiting for it NOW: a client that reconnected
+                // and sent the PUT again waits on its new connection, while the leader
+                // may answer the send made for the old one. (Found by the whole-cluster
+                // simulator: such ACKs went to the closed connection.)
+                let mut by_conn: BTreeMap<ConnId, (ConnTx, Vec<AckEntry>)> = BTreeMap::new();
+                for a in acks {
+                    if let Some(f) = self.take_forwarded(&a.guid) {
+                        by_conn
+                            .entry(f.conn.id)
+                            .or_insert_with(|| (f.conn.clone(), Vec::new()))
+                            .1
+                            .push(a);
+                    }
                 }
-                Frame::Ack { acks }
+                for (_, (c, acks)) in by_conn {
+                    c.send(Frame::Ack { acks });
+                }
+                return;
             }
             other => other,
         };
@@ -336,18 +347,16 @@ impl Node {
         }
     }
 
-    /// Removes a forwarded PUT whose ACK arrived; false if it was already answered.
-    fn take_forwarded(&mut self, guid: &Guid) -> bool {
-        let Some(f) = self.cluster.forwarded.remove(guid) else {
-            return false;
-        };
+    /// Removes a forwarded PUT whose ACK arrived; None if it was already answered.
+    fn take_forwarded(&mut self, guid: &Guid) -> Option<Forwarded> {
+        let f = self.cluster.forwarded.remove(guid)?;
         self.pending_put_bytes = self
             .pending_put_bytes
             .saturating_sub(f.msg.payload.len() as u64);
         if let Some(g) = self.cluster.forward_groups.get_mut(&f.gid) {
             g.guids.remove(&f.seq);
         }
-        true
+        Some(f)
     }
 
     // ----- upstream: PUT forwarding ------------------------------------------------
@@ -382,8 +391,14 @@ impl Node {
         for msg in messages {
             if let Some(f) = self.cluster.forwarded.get_mut(&msg.guid) {
                 // A client retransmission of a PUT still on its way (after a reconnect):
-                // its ACK now goes to the new connection; its place in line stays.
-                f.conn = conn.clone();
+                // its ACK now goes to the new connection; its place in line stays. An
+                // OLDER request for the same GUID (one this node had proposed as leader
+                // and now forwards after losing leadership) must not take the ACK away
+                // from the newer connection: found by the whole-cluster simulator.
+                if received >= f.since {
+                    f.conn = conn.clone();
+                    f.since = received;
+                }
                 // The caller counted its bytes again; the entry is counted once.
                 self.pending_put_bytes = self
                     .pending_put_bytes
@@ -425,11 +440,14 @@ impl Node {
             // was dropped (a peer link reset while this node or the leader paused).
             // Send everything again; the leader's GUID history answers duplicates.
             let stuck = g.sent_to == Some(leader)
-                && g.full_send
-                    .is_none_or(|t| t.elapsed() >= Duration::from_millis(FORWARD_RESEND_MS))
+                && g.full_send.is_none_or(|t| {
+                    crate::clock::now().saturating_duration_since(t)
+                        >= Duration::from_millis(FORWARD_RESEND_MS)
+                })
                 && g.guids.values().next().is_some_and(|oldest| {
                     self.cluster.forwarded.get(oldest).is_some_and(|f| {
-                        f.since.elapsed() >= Duration::from_millis(FORWARD_RESEND_MS)
+                        crate::clock::now().saturating_duration_since(f.since)
+                            >= Duration::from_millis(FORWARD_RESEND_MS)
                     })
                 });
             let guids: Vec<Guid> = if g.sent_to == Some(leader) && !stuck {
@@ -438,7 +456,7 @@ impl Node {
             } else {
                 // New leader (or first send, or stuck): everything unanswered, in order.
                 g.sent_to = Some(leader);
-                g.full_send = Some(Instant::now());
+                g.full_send = Some(crate::clock::now());
                 g.unsent.clear();
                 g.guids.values().copied().collect()
             };
@@ -479,8 +497,16 @@ impl Node {
                     }
                     continue;
                 }
+                if conn.is_remote() {
+                    // Another node's PUT, taken while this replica led: its coordinator
+                    // still holds it and sends it to the new leader itself. Passing it
+                    // on from here would add a second path for its ACK, which could
+                    // take the ACK from the client's newer connection (found by the
+                    // whole-cluster simulator).
+                    self.pending_put_bytes = self.pending_put_bytes.saturating_sub(bytes);
+                    continue;
+                }
                 // Already counted in pending bytes; enqueue_or_forward keeps them counted.
-                let _ = bytes;
                 self.enqueue_or_forward(gid, conn, msgs, received);
             }
         }
@@ -529,15 +555,12 @@ impl Node {
             .cluster
             .forwarded
             .iter()
-            .filter(|(_, f)| f.since.elapsed() >= bound)
+            .filter(|(_, f)| crate::clock::now().saturating_duration_since(f.since) >= bound)
             .map(|(g, _)| *g)
             .collect();
         for g in expired {
-            let conn = self.cluster.forwarded.get(&g).map(|f| f.conn.clone());
-            if self.take_forwarded(&g) {
-                if let Some(conn) = conn {
-                    super::reject_guids(&conn, &[g], Status::Timeout);
-                }
+            if let Some(f) = self.take_forwarded(&g) {
+                super::reject_guids(&f.conn, &[g], Status::Timeout);
             }
         }
     }
@@ -555,16 +578,16 @@ impl Node {
         if !self.is_cluster() {
             return;
         }
-        let refresh = self
-            .cluster
-            .last_consumer_refresh
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(CONSUMER_REFRESH_MS));
+        let refresh = self.cluster.last_consumer_refresh.is_none_or(|t| {
+            crate::clock::now().saturating_duration_since(t)
+                >= Duration::from_millis(CONSUMER_REFRESH_MS)
+        });
         if refresh {
-            self.cluster.last_consumer_refresh = Some(Instant::now());
+            self.cluster.last_consumer_refresh = Some(crate::clock::now());
             let ttl = Duration::from_millis(FORWARDED_CONFIRM_TTL_MS);
-            self.cluster
-                .forwarded_confirms
-                .retain(|_, (_, _, since)| since.elapsed() < ttl);
+            self.cluster.forwarded_confirms.retain(|_, (_, _, since)| {
+                crate::clock::now().saturating_duration_since(*since) < ttl
+            });
         }
         let mut moves = Vec::new();
         for (id, c) in &self.consumers {
@@ -629,7 +652,7 @@ impl Node {
         let ttl = Duration::from_millis(FORWARDED_CONFIRM_TTL_MS);
         self.cluster
             .forwarded_confirms
-            .retain(|_, (_, _, since)| since.elapsed() < ttl);
+            .retain(|_, (_, _, since)| crate::clock::now().saturating_duration_since(*since) < ttl);
         let mut by_handle: BTreeMap<(ConnId, u32), Vec<Guid>> = BTreeMap::new();
         for ((conn, handle, guid), (c, g, _)) in &self.cluster.forwarded_confirms {
             if *c == id && *g == gid {
@@ -726,7 +749,7 @@ impl Node {
             .cluster
             .remote_consumers
             .entry(consumer)
-            .or_insert_with(|| (from, incarnation, HashSet::new()));
+            .or_insert_with(|| (from, incarnation, Set::default()));
         entry.2.insert(gid);
         let conn = self.remote_conn(from, conn);
         self.consumers.insert(
@@ -806,7 +829,7 @@ impl Node {
         };
         self.cluster.next_admin_id += 1;
         let id = self.cluster.next_admin_id;
-        let deadline = Instant::now() + Duration::from_millis(ADMIN_FORWARD_TIMEOUT_MS);
+        let deadline = crate::clock::now() + Duration::from_millis(ADMIN_FORWARD_TIMEOUT_MS);
         self.cluster.admin_waits.insert(id, (reply, deadline));
         let _ = self.send_peer(leader, &PeerMsg::Admin { id, body });
         None
@@ -867,7 +890,7 @@ impl Node {
             }
         }
         self.cluster.remote_admin = still;
-        let now = Instant::now();
+        let now = crate::clock::now();
         let late: Vec<u64> = self
             .cluster
             .admin_waits
@@ -912,7 +935,7 @@ impl Node {
             NodeCmd::Open { queue, .. } => queue.clone(),
             _ => return,
         };
-        let deadline = Instant::now() + Duration::from_millis(ADMIN_FORWARD_TIMEOUT_MS);
+        let deadline = crate::clock::now() + Duration::from_millis(ADMIN_FORWARD_TIMEOUT_MS);
         self.cluster
             .opens_waiting
             .push((queue, Box::new(open), deadline));
@@ -936,7 +959,7 @@ impl Node {
                     .then_some(META_GROUP_ID),
             )
             .collect();
-        if led.is_empty() || Instant::now() >= *deadline {
+        if led.is_empty() || crate::clock::now() >= *deadline {
             if let Some((reply, _)) = self.cluster.releasing.take() {
                 if !led.is_empty() {
                     tracing::warn!(
@@ -948,14 +971,13 @@ impl Node {
             }
             return;
         }
-        let due = self
-            .cluster
-            .last_transfer
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        let due = self.cluster.last_transfer.is_none_or(|t| {
+            crate::clock::now().saturating_duration_since(t) >= Duration::from_secs(1)
+        });
         if !due {
             return;
         }
-        self.cluster.last_transfer = Some(Instant::now());
+        self.cluster.last_transfer = Some(crate::clock::now());
         for gid in led {
             let group = if gid == META_GROUP_ID {
                 &mut self.meta_group
@@ -983,11 +1005,17 @@ impl Node {
     /// Tells every peer which groups this node leads (for nodes without a replica).
     pub(super) fn gossip_leaders(&mut self) {
         let Some(t) = &self.transport else { return };
-        let now = now_ms();
-        if now < self.cluster.last_gossip_ms + LEADER_GOSSIP_INTERVAL_MS {
+        // Paced by the monotonic clock, like every timer of the loop.
+        let now = crate::clock::now();
+        let interval = Duration::from_millis(LEADER_GOSSIP_INTERVAL_MS);
+        if self
+            .cluster
+            .last_gossip
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
+        {
             return;
         }
-        self.cluster.last_gossip_ms = now;
+        self.cluster.last_gossip = Some(now);
         let led = |gid: u64, g: &tern_replication::Group| LedGroup {
             group: gid,
             term: g.term(),
@@ -1008,9 +1036,9 @@ impl Node {
             groups,
         }
         .encode();
-        for peer in t.peers() {
-            if peer.id != self.cfg.node_id {
-                let _ = t.send(peer.id, msg.clone());
+        for peer in t.peer_ids() {
+            if peer != self.cfg.node_id {
+                let _ = t.send(peer, msg.clone());
             }
         }
     }

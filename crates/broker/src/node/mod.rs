@@ -13,18 +13,21 @@
 //! - A storage error is fatal: the loop returns it and the process exits.
 
 mod cluster;
+mod link;
 mod membership;
 pub mod meta;
 mod partition;
 
+use crate::clock::Map;
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
+pub use link::Link;
 use meta::{MetaCommand, MetaOutcome, MetaState, QueueDef, META_GROUP_ID};
 use partition::{config_from_spec, Partition};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tern_proto::admin::{AdminReply, AdminRequest, QueueInfo, QueueSpec};
 use tern_proto::{Frame, MessageRef, NackEntry, PutMessage, Status};
 use tern_queue::{ConsumerId, FlowLimits};
@@ -53,7 +56,7 @@ enum Route {
     Remote {
         node: u64,
         conn: ConnId,
-        transport: Option<tern_transport::Transport>,
+        transport: Option<Link>,
         max_frame_bytes: u32,
     },
 }
@@ -80,12 +83,7 @@ impl ConnTx {
     }
 
     /// Connection `conn` of node `node`: frames for it go back through the transport.
-    pub fn remote(
-        node: u64,
-        conn: ConnId,
-        transport: Option<tern_transport::Transport>,
-        max_frame_bytes: u32,
-    ) -> Self {
+    pub fn remote(node: u64, conn: ConnId, transport: Option<Link>, max_frame_bytes: u32) -> Self {
         ConnTx {
             id: (node << NODE_ID_SHIFT) ^ conn,
             route: Route::Remote {
@@ -95,6 +93,12 @@ impl ConnTx {
                 max_frame_bytes,
             },
         }
+    }
+
+    /// Whether this is another node's client connection (frames go back through the
+    /// transport).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.route, Route::Remote { .. })
     }
 
     /// Sends a frame; a closed connection is not an error (its client will retransmit).
@@ -250,12 +254,7 @@ const LEADERSHIP_RELEASE_MS: u64 = 5_000;
 /// Connection id of the node itself (dead-letter PUTs); client connections start at 1.
 const INTERNAL_CONN_ID: ConnId = 0;
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::now_ms;
 
 /// Opens storage (so startup errors surface before serving) and starts the node thread.
 ///
@@ -268,7 +267,7 @@ pub fn start(
     let (tx, rx) = flume::bounded(cfg.node_queue_capacity);
     let peer_book = PeerBook::default();
     let transport = start_transport(&cfg, rt, tx.clone(), &peer_book)?;
-    let node = Node::open(cfg, metrics, transport, peer_book)?;
+    let node = Node::open(cfg, metrics, transport.map(Link::Tcp), peer_book)?;
     let ready = node.ready.clone();
     let thread = std::thread::Builder::new()
         .name("tern-node".into())
@@ -302,7 +301,7 @@ fn start_transport(
         cfg.node_id,
         cluster_id(&members),
         cfg.peer_listen,
-        HashMap::new(),
+        std::collections::HashMap::new(),
     );
     let transport = tern_transport::Transport::start(tcfg, rt, move |inbound| {
         let _ = tx.send(NodeCmd::Peer {
@@ -348,7 +347,8 @@ const PEER_RESOLVE_INTERVAL: Duration = Duration::from_secs(2);
 /// transport at the result. A name that does not resolve is logged once and retried;
 /// it never stops the node. Ends when the transport shuts down.
 async fn resolve_peers(book: PeerBook, transport: tern_transport::Transport) {
-    let mut known: HashMap<u64, std::net::SocketAddr> = HashMap::new();
+    let mut known: std::collections::HashMap<u64, std::net::SocketAddr> =
+        std::collections::HashMap::new();
     let mut warned: std::collections::HashSet<u64> = std::collections::HashSet::new();
     loop {
         for (id, name) in book.snapshot() {
@@ -448,20 +448,20 @@ struct PurgeWait {
     reply: oneshot::Sender<Result<AdminReply, Rejection>>,
 }
 
-pub(crate) struct Node {
+pub struct Node {
     cfg: BrokerConfig,
     metrics: Arc<Metrics>,
     meta_group: Group,
     meta: MetaState,
     meta_pending: BTreeMap<u64, (u64, MetaWaiter)>,
-    partitions: HashMap<u64, Partition>,
-    consumers: HashMap<ConsumerId, Consumer>,
+    partitions: Map<u64, Partition>,
+    consumers: Map<ConsumerId, Consumer>,
     next_consumer_id: ConsumerId,
-    purges: HashMap<u64, PurgeWait>,
+    purges: Map<u64, PurgeWait>,
     next_purge_id: u64,
-    subscription_ops: HashMap<u64, SubscriptionOpWait>,
+    subscription_ops: Map<u64, SubscriptionOpWait>,
     /// Dead letters PUT to dead-letter queues, by their GUID there.
-    dead_letter_waits: HashMap<tern_proto::Guid, DeadLetterWait>,
+    dead_letter_waits: Map<tern_proto::Guid, DeadLetterWait>,
     /// The node's own "connection" for dead-letter PUTs: their ACKs come back here.
     internal_tx: ConnTx,
     internal_rx: flume::Receiver<Frame>,
@@ -471,17 +471,17 @@ pub(crate) struct Node {
     disk: DiskGuard,
     stopping: bool,
     /// None for a single-node cluster.
-    transport: Option<tern_transport::Transport>,
+    transport: Option<Link>,
     /// Members' peer addresses for the resolver task (see [`resolve_peers`]).
     peer_book: PeerBook,
     cluster: cluster::ClusterState,
 }
 
 impl Node {
-    fn open(
+    pub(crate) fn open(
         cfg: BrokerConfig,
         metrics: Arc<Metrics>,
-        transport: Option<tern_transport::Transport>,
+        transport: Option<Link>,
         peer_book: PeerBook,
     ) -> Result<Node, NodeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
@@ -509,13 +509,13 @@ impl Node {
             meta_group,
             meta,
             meta_pending: BTreeMap::new(),
-            partitions: HashMap::new(),
-            consumers: HashMap::new(),
+            partitions: Map::default(),
+            consumers: Map::default(),
             next_consumer_id: first_id,
-            purges: HashMap::new(),
+            purges: Map::default(),
             next_purge_id: 1,
-            subscription_ops: HashMap::new(),
-            dead_letter_waits: HashMap::new(),
+            subscription_ops: Map::default(),
+            dead_letter_waits: Map::default(),
             internal_tx: ConnTx::new(INTERNAL_CONN_ID, internal),
             internal_rx,
             pending_put_bytes: 0,
@@ -536,14 +536,14 @@ impl Node {
 
     fn run(mut self, rx: flume::Receiver<NodeCmd>) -> Result<(), NodeError> {
         let tick = Duration::from_millis(self.cfg.tick_interval_ms);
-        let mut next_tick = Instant::now() + tick;
+        let mut next_tick = crate::clock::now() + tick;
         let mut busy = true;
         let mut stop_reply = None;
         loop {
             let wait = if busy {
                 Duration::ZERO
             } else {
-                next_tick.saturating_duration_since(Instant::now())
+                next_tick.saturating_duration_since(crate::clock::now())
             };
             match rx.recv_timeout(wait) {
                 Ok(cmd) => stop_reply = stop_reply.or(self.handle(cmd)),
@@ -556,29 +556,7 @@ impl Node {
                     Err(_) => break,
                 }
             }
-            self.resend_forwarded();
-            self.home_consumers();
-            self.flush_proposals();
-            self.poll_admin();
-            self.gossip_leaders();
-            self.release_leadership();
-            if Instant::now() >= next_tick {
-                self.tick_all();
-                self.reconcile_membership();
-                next_tick = Instant::now() + tick;
-            }
-            busy = self.process_readies()?;
-            self.process_dead_letters()?;
-            self.dispatch_all();
-            self.maybe_snapshot()?;
-            self.update_ready_flag();
-            let outstanding: usize = self
-                .partitions
-                .values()
-                .map(|p| p.outstanding_puts())
-                .sum::<usize>()
-                + self.cluster.forwarded.len();
-            self.metrics.pending_puts.set(outstanding as i64);
+            busy = self.turn(&mut next_tick)?;
             if let Some(reply) = stop_reply.take() {
                 self.stop()?;
                 let _ = reply.send(());
@@ -588,8 +566,59 @@ impl Node {
         self.stop()
     }
 
+    /// The work of one round after its commands were handled: propose, tick when
+    /// `next_tick` passed, persist and apply Ready, answer, dispatch, snapshot.
+    /// Returns whether more Ready work is waiting (the loop then does not sleep).
+    pub(crate) fn turn(&mut self, next_tick: &mut Instant) -> Result<bool, NodeError> {
+        self.resend_forwarded();
+        self.home_consumers();
+        self.flush_proposals();
+        self.poll_admin();
+        self.gossip_leaders();
+        self.release_leadership();
+        if crate::clock::now() >= *next_tick {
+            self.tick_all();
+            self.reconcile_membership();
+            *next_tick = crate::clock::now() + Duration::from_millis(self.cfg.tick_interval_ms);
+        }
+        let busy = self.process_readies()?;
+        self.process_dead_letters()?;
+        self.dispatch_all();
+        self.maybe_snapshot()?;
+        self.update_ready_flag();
+        let outstanding: usize = self
+            .partitions
+            .values()
+            .map(|p| p.outstanding_puts())
+            .sum::<usize>()
+            + self.cluster.forwarded.len();
+        self.metrics.pending_puts.set(outstanding as i64);
+        Ok(busy)
+    }
+
+    /// Where a PUT waits on this node, for the simulator's failure reports.
+    #[cfg(feature = "sim")]
+    pub(crate) fn find_put(&self, guid: &tern_proto::Guid) -> Vec<String> {
+        let mut out = Vec::new();
+        for (gid, p) in &self.partitions {
+            out.extend(
+                p.find_put(guid)
+                    .into_iter()
+                    .map(|w| format!("group {gid}: {w}")),
+            );
+        }
+        if let Some(f) = self.cluster.forwarded.get(guid) {
+            out.push(format!(
+                "forwarded for group {} (leader known: {:?})",
+                f.gid,
+                self.leader_of(f.gid)
+            ));
+        }
+        out
+    }
+
     /// Handles one command. Returns the reply channel of a Stop request.
-    fn handle(&mut self, cmd: NodeCmd) -> Option<oneshot::Sender<()>> {
+    pub(crate) fn handle(&mut self, cmd: NodeCmd) -> Option<oneshot::Sender<()>> {
         match cmd {
             NodeCmd::Open { .. } => self.handle_open(cmd),
             NodeCmd::CloseConsumer { consumer } => self.remove_consumer(consumer),
@@ -625,7 +654,7 @@ impl Node {
             }
             NodeCmd::Peer { from, msg } => self.handle_peer(from, msg),
             NodeCmd::ReleaseLeadership { reply } => {
-                let deadline = Instant::now() + Duration::from_millis(LEADERSHIP_RELEASE_MS);
+                let deadline = crate::clock::now() + Duration::from_millis(LEADERSHIP_RELEASE_MS);
                 self.cluster.releasing = Some((reply, deadline));
             }
             NodeCmd::Admin { req, reply } => self.handle_admin(req, reply),
@@ -903,9 +932,13 @@ impl Node {
             return;
         }
         let mut by_partition: BTreeMap<usize, Vec<tern_queue::PutMessage>> = BTreeMap::new();
-        for (i, m) in messages.into_iter().enumerate() {
+        for m in messages {
+            // Unkeyed messages spread by GUID: a retransmission (another connection,
+            // another node) lands in the same partition, whose dedup history knows it.
+            // (Spreading by connection sent retries elsewhere: duplicates that no
+            // dedup could see, found by the whole-cluster simulator.)
             let p = if m.key.is_empty() {
-                (conn.id as usize + i) % gids.len()
+                key_partition(&m.guid, gids.len())
             } else {
                 key_partition(&m.key, gids.len())
             };
@@ -961,7 +994,7 @@ impl Node {
                 messages.push(out.message);
             }
             let conn = self.internal_tx.clone();
-            self.route_puts(conn, &target, messages, Instant::now());
+            self.route_puts(conn, &target, messages, crate::clock::now());
         }
         Ok(())
     }
@@ -1028,7 +1061,7 @@ impl Node {
                 Some(home) if home != self.cfg.node_id => {
                     // Led elsewhere: the leader answers with a ConfirmAck through us.
                     // Remembered until then, to resend if that leader fails.
-                    let since = Instant::now();
+                    let since = crate::clock::now();
                     for g in &guids {
                         if self.cluster.forwarded_confirms.len() < cluster::MAX_FORWARDED_CONFIRMS {
                             self.cluster
@@ -1420,7 +1453,7 @@ impl Node {
         }
     }
 
-    fn consumers_view(&self) -> HashMap<ConsumerId, (ConnTx, u32)> {
+    fn consumers_view(&self) -> Map<ConsumerId, (ConnTx, u32)> {
         // Cheap: a handful of consumers per partition; rebuilt per round only when dispatching.
         self.consumers
             .iter()
@@ -1448,7 +1481,7 @@ impl Node {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    fn stop(&mut self) -> Result<(), NodeError> {
+    pub(crate) fn stop(&mut self) -> Result<(), NodeError> {
         self.ready.store(false, Ordering::Relaxed);
         for part in self.partitions.values_mut() {
             part.snapshot_now()?;
@@ -2073,6 +2106,9 @@ fn group_config(cfg: &BrokerConfig, gid: u64, durable: bool, voters: Vec<u64>) -
     g.log.segment_max_bytes = cfg.segment_max_bytes;
     g.log.cache_max_bytes = cfg.log_cache_bytes;
     g.log.max_record_bytes = (cfg.max_entry_bytes + 1024 * 1024).min(u64::from(u32::MAX)) as u32;
+    // raft-rs draws election timeouts from a thread RNG; the simulator's runs must
+    // replay, so there they are fixed (it adds its own jitter).
+    g.fixed_election_timeout = crate::clock::simulated();
     g
 }
 

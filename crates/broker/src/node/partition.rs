@@ -7,9 +7,10 @@
 //! the state machine and sends each producer its ACK → `dispatch` PUSHes it.
 
 use super::{now_ms, ConnTx};
+use crate::clock::{Map, Set};
 use crate::metrics::{Metrics, PartitionLabels, QueueLabels, StatusLabels, SubscriptionLabels};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_proto::admin::{PartitionInfo, QueueSpec, SubscriptionInfo};
@@ -136,7 +137,7 @@ pub struct Partition {
     /// Leader-local, one per subscription ("" for a work queue).
     dispatchers: BTreeMap<String, Dispatcher>,
     /// Consumers attached here: their subscription and flow limits.
-    consumers: HashMap<ConsumerId, (String, FlowLimits)>,
+    consumers: Map<ConsumerId, (String, FlowLimits)>,
     batch: PutBatch,
     /// CONFIRMs of the round, per subscription.
     confirms: BTreeMap<String, ConfirmBatch>,
@@ -145,7 +146,7 @@ pub struct Partition {
     /// Leader-local: dead letters to write (with the time they may be tried again).
     dead_letters_due: VecDeque<(DeadLetterDue, u64)>,
     /// Leader-local: dead letters on their way, by (subscription, GUID).
-    dead_letters_in_flight: HashSet<(String, Guid)>,
+    dead_letters_in_flight: Set<(String, Guid)>,
     /// Durable queue: fsync before ACK, and ACKs carry `ACK_DURABLE`.
     durable: bool,
     pending: BTreeMap<u64, Pending>,
@@ -187,12 +188,12 @@ impl Partition {
             group,
             state,
             dispatchers: BTreeMap::new(),
-            consumers: HashMap::new(),
+            consumers: Map::default(),
             batch: PutBatch::default(),
             confirms: BTreeMap::new(),
             settles: BTreeMap::new(),
             dead_letters_due: VecDeque::new(),
-            dead_letters_in_flight: HashSet::new(),
+            dead_letters_in_flight: Set::default(),
             durable: gcfg.durable,
             pending: BTreeMap::new(),
             parked: VecDeque::new(),
@@ -555,7 +556,7 @@ impl Partition {
         if !self.group.is_leader() {
             if !self.batch.msgs.is_empty() {
                 self.parked
-                    .push_back((std::mem::take(&mut self.batch), Instant::now()));
+                    .push_back((std::mem::take(&mut self.batch), crate::clock::now()));
             }
             // CONFIRMs need the leader's dispatcher; a non-leader has none to check
             // against. The consumer's messages are redelivered by the new leader.
@@ -649,14 +650,14 @@ impl Partition {
             match self.propose(data, PendingKind::Puts { batch: chunk }, metrics) {
                 Ok(()) => {}
                 Err((PendingKind::Puts { batch }, ReplicationError::NotLeader { .. })) => {
-                    self.parked.push_back((batch, Instant::now()))
+                    self.parked.push_back((batch, crate::clock::now()))
                 }
                 Err((PendingKind::Puts { batch }, ReplicationError::ProposalDropped))
                     if self.group.is_transferring_leadership() =>
                 {
                     // Handing leadership over (graceful stop): the PUTs wait for the new
                     // leader (forwarded there) instead of failing.
-                    self.parked.push_back((batch, Instant::now()))
+                    self.parked.push_back((batch, crate::clock::now()))
                 }
                 Err((PendingKind::Puts { batch }, e)) => {
                     tracing::warn!(queue = %self.queue, "put proposal refused: {e}");
@@ -681,6 +682,31 @@ impl Partition {
         Ok(())
     }
 
+    /// Where a PUT waits in this partition, for the simulator's failure reports.
+    #[cfg(feature = "sim")]
+    pub fn find_put(&self, guid: &Guid) -> Vec<String> {
+        let has = |b: &PutBatch| b.msgs.iter().any(|m| &m.guid == guid);
+        let mut out = Vec::new();
+        if has(&self.batch) {
+            out.push("in the round's batch".to_string());
+        }
+        if self.parked.iter().any(|(b, _)| has(b)) {
+            out.push("parked".into());
+        }
+        for (index, p) in &self.pending {
+            if matches!(&p.kind, PendingKind::Puts { batch } if has(batch)) {
+                out.push(format!(
+                    "proposed at index {index} term {} (leader {}, term {}, applied {})",
+                    p.term,
+                    self.group.is_leader(),
+                    self.group.term(),
+                    self.group.applied_index()
+                ));
+            }
+        }
+        out
+    }
+
     /// PUTs parked here while this replica is not the leader, per origin connection, to
     /// be forwarded to the leader elsewhere (with the time each was received).
     pub fn take_parked(&mut self) -> Vec<(ConnTx, Vec<tern_queue::PutMessage>, Instant, u64)> {
@@ -703,7 +729,7 @@ impl Partition {
     pub fn expire_parked(&mut self, bound: Duration) -> u64 {
         let mut released = 0;
         while let Some((_, since)) = self.parked.front() {
-            if since.elapsed() < bound {
+            if crate::clock::now().saturating_duration_since(*since) < bound {
                 break;
             }
             if let Some((batch, _)) = self.parked.pop_front() {
@@ -721,6 +747,14 @@ impl Partition {
         let mut result = ApplyResult::default();
         if let Some(bytes) = &out.installed_snapshot {
             self.restore_installed(bytes);
+            // Proposals left from an earlier leadership of this replica: the snapshot
+            // replaced the log they were in, so no entry of theirs will be applied
+            // here to answer them. Propose them again through the leader (same GUIDs:
+            // the dedup history answers any that did commit). Found by the
+            // whole-cluster simulator: those PUTs waited for an answer forever.
+            for (_, p) in std::mem::take(&mut self.pending) {
+                self.reproposal(p.kind, &mut result);
+            }
         }
         for entry in out.committed {
             // A new leader's empty entry (or a membership change) applies nothing, but
@@ -754,13 +788,23 @@ impl Partition {
             if role == tern_replication::StateRole::Leader {
                 // A new leader treats every unsettled message as available (at-least-once).
                 self.rebuild_dispatchers();
+            } else {
+                // Deposed: what this replica proposed as leader may still commit (if the
+                // next leader has it) or be overwritten, maybe at an index this log does
+                // not reach again for a long while (no traffic). Either way it is
+                // proposed again through the new leader now, with the same GUIDs: the
+                // dedup history answers those that did commit. Found by the
+                // whole-cluster simulator: such PUTs waited for an answer forever.
+                for (_, p) in std::mem::take(&mut self.pending) {
+                    self.reproposal(p.kind, &mut result);
+                }
             }
         }
         result
     }
 
-    /// This replica took the leader's snapshot: its state replaces ours. A follower has
-    /// no proposals of its own waiting, so only the leader-local views are rebuilt.
+    /// This replica took the leader's snapshot: its state replaces ours (the caller
+    /// re-proposes what it had waiting from an earlier leadership).
     fn restore_installed(&mut self, bytes: &Bytes) {
         match PartitionState::restore(bytes) {
             Ok(mut state) => {
@@ -823,12 +867,14 @@ impl Partition {
             (PendingKind::Puts { batch }, Outcome::Put(outcomes)) => {
                 result.answered_bytes += batch.bytes;
                 debug_assert_eq!(outcomes.len(), batch.msgs.len());
-                let statuses: HashMap<Guid, Status> =
+                let statuses: Map<Guid, Status> =
                     outcomes.iter().map(|(g, o)| (*g, put_status(o))).collect();
                 for o in &batch.origins {
-                    metrics
-                        .ack_latency
-                        .observe(o.received.elapsed().as_secs_f64());
+                    metrics.ack_latency.observe(
+                        crate::clock::now()
+                            .saturating_duration_since(o.received)
+                            .as_secs_f64(),
+                    );
                 }
                 self.count_acks(&batch, &statuses, metrics);
                 answer_batch(&batch, self.durable, |g| {
@@ -851,7 +897,7 @@ impl Partition {
                         queue: self.queue.to_string(),
                     })
                     .inc_by(settled as u64);
-                let statuses: HashMap<Guid, Status> = outcomes
+                let statuses: Map<Guid, Status> = outcomes
                     .iter()
                     .map(|(g, o)| {
                         (
@@ -899,7 +945,7 @@ impl Partition {
     /// safe to propose again (same GUIDs; the dedup history covers any doubt).
     fn reproposal(&mut self, kind: PendingKind, result: &mut ApplyResult) {
         match kind {
-            PendingKind::Puts { batch } => self.parked.push_back((batch, Instant::now())),
+            PendingKind::Puts { batch } => self.parked.push_back((batch, crate::clock::now())),
             PendingKind::Confirms { batch } => answer_confirms_failed(batch, Status::Unavailable),
             PendingKind::Purge { id } => result.purged.push((id, 0)),
             PendingKind::SubscriptionOp { id } => result.subscription_ops.push((id, false)),
@@ -907,7 +953,7 @@ impl Partition {
         }
     }
 
-    fn count_acks(&self, batch: &PutBatch, statuses: &HashMap<Guid, Status>, metrics: &Metrics) {
+    fn count_acks(&self, batch: &PutBatch, statuses: &Map<Guid, Status>, metrics: &Metrics) {
         let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
         for m in &batch.msgs {
             let s = statuses.get(&m.guid).copied().unwrap_or(Status::Internal);
@@ -929,7 +975,7 @@ impl Partition {
     /// PUSHes what the dispatcher hands out, reading payloads from the log.
     pub fn dispatch(
         &mut self,
-        consumers: &HashMap<ConsumerId, (ConnTx, u32)>,
+        consumers: &Map<ConsumerId, (ConnTx, u32)>,
         metrics: &Metrics,
     ) -> Result<(), ReplicationError> {
         if !self.dispatch_dirty || !self.group.is_leader() {
@@ -1343,7 +1389,7 @@ mod tests {
     fn split_batch_keeps_every_message_with_its_origin() {
         let (tx1, _r1) = flume::unbounded();
         let (tx2, _r2) = flume::unbounded();
-        let now = Instant::now();
+        let now = crate::clock::now();
         let a = ConnTx::new(1, tx1);
         let b = ConnTx::new(2, tx2);
         let batch = PutBatch {

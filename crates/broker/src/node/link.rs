@@ -1,0 +1,43 @@
+//! The node loop's way to its peers: the TCP transport (`tern-transport`), or, in the
+//! deterministic simulator, an in-memory outbox the simulator delivers from.
+//!
+//! Contract: `send` never blocks and never fails loudly (a dropped message is
+//! retried by Raft or by the coordinator's resends); `is_alive` says whether the peer
+//! was heard from recently, as the transport's liveness does.
+
+use bytes::Bytes;
+use tern_transport::SendError;
+
+#[derive(Clone)]
+pub enum Link {
+    Tcp(tern_transport::Transport),
+    #[cfg(feature = "sim")]
+    Sim(crate::sim::SimLink),
+}
+
+impl Link {
+    pub fn send(&self, to: u64, msg: Bytes) -> Result<(), SendError> {
+        match self {
+            Link::Tcp(t) => t.send(to, msg),
+            #[cfg(feature = "sim")]
+            Link::Sim(s) => s.send(to, msg),
+        }
+    }
+
+    pub fn is_alive(&self, id: u64) -> bool {
+        match self {
+            Link::Tcp(t) => t.is_alive(id),
+            #[cfg(feature = "sim")]
+            Link::Sim(s) => s.is_alive(id),
+        }
+    }
+
+    /// The peers this node has links to (not itself).
+    pub fn peer_ids(&self) -> Vec<u64> {
+        match self {
+            Link::Tcp(t) => t.peers().into_iter().map(|p| p.id).collect(),
+            #[cfg(feature = "sim")]
+            Link::Sim(s) => s.peer_ids(),
+        }
+    }
+}
