@@ -127,6 +127,17 @@ impl Server {
     }
 
     pub fn spawn_no_wait(&mut self) {
+        self.spawn_no_wait_with_env::<&str, &str>(&[]);
+    }
+
+    /// [`Server::spawn_no_wait`] with extra environment variables for this process
+    /// only (e.g. an LD_PRELOAD library with settings of its own per node), so the
+    /// clients a test starts do not inherit them.
+    pub fn spawn_no_wait_with_env<K, V>(&mut self, env: &[(K, V)])
+    where
+        K: AsRef<std::ffi::OsStr>,
+        V: AsRef<std::ffi::OsStr>,
+    {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -144,6 +155,7 @@ impl Server {
             .arg(format!("127.0.0.1:{}", self.peer_port))
             .args(self.default_reserve())
             .args(&self.extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
