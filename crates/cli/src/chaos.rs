@@ -199,8 +199,7 @@ impl Drop for Node {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("no free port")?;
-    Ok(l.local_addr()?.port())
+    crate::ports::find_free_port().context("no free port")
 }
 
 /// A minimal HTTP GET against a node's admin port (bounded by 2 s).

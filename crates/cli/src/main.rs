@@ -7,6 +7,7 @@ mod bench;
 mod chaos;
 mod consume;
 mod dur;
+mod ports;
 mod produce;
 mod queue;
 mod server;

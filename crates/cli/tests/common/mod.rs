@@ -20,12 +20,12 @@ pub fn tern() -> &'static str {
     env!("CARGO_BIN_EXE_tern")
 }
 
-/// A port nobody listens on right now (bound, then released).
+#[path = "../../src/ports.rs"]
+mod ports;
+
+/// A port nobody listens on right now (see `src/ports.rs`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    ports::find_free_port().expect("free port")
 }
 
 /// A `tern server` with its own ports and data dir; killed when dropped.

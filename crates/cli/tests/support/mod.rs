@@ -10,15 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn tern() -> &'static str {
-    env!("CARGO_BIN_EXE_tern")
+#[path = "../../src/ports.rs"]
+mod ports;
+
+/// A port nobody listens on right now (see `src/ports.rs`).
+pub fn free_port() -> u16 {
+    ports::find_free_port().expect("free port")
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+pub fn tern() -> &'static str {
+    env!("CARGO_BIN_EXE_tern")
 }
 
 /// A `tern server` process with its own ports and data dir.
