@@ -39,6 +39,8 @@ struct LinkState {
     peers: BTreeSet<u64>,
     outbox: Vec<(u64, Bytes)>,
     heard: BTreeMap<u64, Instant>,
+    /// Per peer: links broken so far (the simulator's resets, partitions, restarts).
+    epochs: BTreeMap<u64, u64>,
     dead_after: Duration,
 }
 
@@ -49,6 +51,7 @@ impl SimLink {
                 peers,
                 outbox: Vec::new(),
                 heard: BTreeMap::new(),
+                epochs: BTreeMap::new(),
                 dead_after,
             })),
         }
@@ -77,6 +80,11 @@ impl SimLink {
         s.heard
             .get(&id)
             .is_some_and(|t| clock::now().saturating_duration_since(*t) < dead_after)
+    }
+
+    /// Connected from the start (1); every break adds one.
+    pub(crate) fn link_epoch(&self, id: u64) -> u64 {
+        1 + self.lock().epochs.get(&id).copied().unwrap_or(0)
     }
 
     pub(crate) fn peer_ids(&self) -> Vec<u64> {
@@ -141,6 +149,12 @@ impl SimNode {
         self.node.turn(&mut self.next_tick)
     }
 
+    /// The links between this node and `peer` broke (the simulator drops what was
+    /// in flight on them).
+    pub fn reset_link(&mut self, peer: u64) {
+        *self.link.lock().epochs.entry(peer).or_insert(0) += 1;
+    }
+
     /// Messages the node sent to peers since the last call, in order.
     pub fn take_outbox(&mut self) -> Vec<(u64, Bytes)> {
         std::mem::take(&mut self.link.lock().outbox)
@@ -149,6 +163,11 @@ impl SimNode {
     /// Where a PUT waits on this node (for failure reports).
     pub fn find_put(&self, guid: &[u8; 16]) -> Vec<String> {
         self.node.find_put(guid)
+    }
+
+    /// The consumers of the partitions this node leads and what they hold.
+    pub fn holders(&self) -> Vec<String> {
+        self.node.holders()
     }
 
     /// A graceful stop (SIGTERM): state snapshotted, files closed.

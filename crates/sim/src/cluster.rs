@@ -302,9 +302,19 @@ impl ClusterSim {
         let node = SimNode::open(cfg, 1_500)
             .map_err(|e| self.violation(format!("node {} does not open: {e}", i + 1)))?;
         let slot = &mut self.nodes[i];
+        let restarted = slot.generation > 0;
         slot.node = Some(node);
         slot.generation += 1;
         slot.restart_at = None;
+        if restarted {
+            // The peers' connections to the old process broke.
+            let id = self.nodes[i].id;
+            for other in 1..=self.cfg.nodes {
+                if other != id {
+                    self.reset_link(id, other);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -330,7 +340,9 @@ impl ClusterSim {
     fn create_queue(&mut self) -> Result<(), SimError> {
         let spec = QueueSpec {
             partitions: Some(self.cfg.queue_partitions),
-            visibility_timeout_ms: Some(3_000),
+            // No visibility timeout (the default): a message lost on its way to a
+            // consumer must come back by the cluster's own means.
+            visibility_timeout_ms: None,
             ..Default::default()
         };
         let mut last = String::from("no answer");
@@ -426,6 +438,14 @@ impl ClusterSim {
                 side.insert(1 + self.rng.below(self.cfg.nodes));
             }
             let until = self.step + 100 + self.rng.below(600);
+            // TCP connections across the cut break (heartbeats stop); in-flight is lost.
+            for a in 1..=self.cfg.nodes {
+                for b in (a + 1)..=self.cfg.nodes {
+                    if side.contains(&a) != side.contains(&b) {
+                        self.reset_link(a, b);
+                    }
+                }
+            }
             self.partition = Some((side, until));
             self.report.partitions += 1;
             self.fault("partition", 0);
@@ -550,13 +570,32 @@ impl ClusterSim {
         }
     }
 
-    /// A peer connection breaks: everything in flight on it is lost.
-    fn reset_link(&mut self, from: u64, to: u64) {
+    /// The connections between two nodes break: everything in flight on them is
+    /// lost, and both nodes see the break (their link epoch moves on) once they are
+    /// connected again.
+    fn reset_link(&mut self, a: u64, b: u64) {
         let before = self.network.len();
         self.network
-            .retain(|_, (f, t, _)| !(*f == from && *t == to));
+            .retain(|_, (f, t, _)| !((*f == a && *t == b) || (*f == b && *t == a)));
         self.report.dropped_msgs += (before - self.network.len()) as u64;
         self.report.link_resets += 1;
+        tracing::debug!(
+            step = self.step,
+            a,
+            b,
+            lost = before - self.network.len(),
+            "link reset"
+        );
+        for (me, peer) in [(a, b), (b, a)] {
+            if let Some(node) = self
+                .nodes
+                .iter_mut()
+                .find(|n| n.id == me)
+                .and_then(|n| n.node.as_mut())
+            {
+                node.reset_link(peer);
+            }
+        }
     }
 
     fn deliver_network(&mut self) {
@@ -656,8 +695,20 @@ impl ClusterSim {
             let Some(mut c) = conn else { continue };
             match self.poll_open(&mut c) {
                 Some(false) => {
+                    if self.alive(&c) {
+                        self.node_cmd(
+                            c.node,
+                            NodeCmd::ConnClosed {
+                                conn: c.tx.id,
+                                consumers: Vec::new(),
+                            },
+                        );
+                    }
+                    for put in self.producers[p].pending.values_mut() {
+                        put.in_flight = false;
+                    }
                     self.producers[p].next_node += 1;
-                    continue; // dropped: reconnect next step
+                    continue; // closed: reconnect next step
                 }
                 Some(true) if c.open.is_some() => {
                     self.producers[p].conn = Some(c);
@@ -823,6 +874,18 @@ impl ClusterSim {
             let Some(mut c) = conn else { continue };
             match self.poll_open(&mut c) {
                 Some(false) => {
+                    // Giving up on this node: the connection closes (dropping `c`
+                    // drops the Open's reply channel too).
+                    if self.alive(&c) {
+                        let consumers = c.consumer.into_iter().collect();
+                        self.node_cmd(
+                            c.node,
+                            NodeCmd::ConnClosed {
+                                conn: c.tx.id,
+                                consumers,
+                            },
+                        );
+                    }
                     self.consumers[k].next_node += 1;
                     continue;
                 }
@@ -847,6 +910,7 @@ impl ClusterSim {
         if due.is_empty() {
             return;
         }
+        tracing::debug!(step = self.step, conn = c.tx.id, n = due.len(), "CONFIRM");
         let cmd = NodeCmd::Confirm {
             conn: c.tx.clone(),
             handle_id: 1,
@@ -866,6 +930,12 @@ impl ClusterSim {
             while let Ok(frame) = c.rx.try_recv() {
                 match frame {
                     Frame::Push { messages, .. } => {
+                        tracing::debug!(
+                            step = self.step,
+                            conn = c.tx.id,
+                            n = messages.len(),
+                            "PUSH"
+                        );
                         for m in messages {
                             self.delivered.insert(m.guid);
                             self.history.record(Event::Deliver {
@@ -887,6 +957,7 @@ impl ClusterSim {
                         }
                     }
                     Frame::ConfirmAck { entries, .. } => {
+                        tracing::debug!(step = self.step, conn = c.tx.id, acks = ?entries.iter().map(|e| e.status).collect::<Vec<_>>(), "CONFIRM ACK");
                         for e in entries.iter().filter(|e| e.status == Status::Ok) {
                             self.history.record(Event::Confirm {
                                 guid: hex(&e.guid),
@@ -908,6 +979,28 @@ impl ClusterSim {
     /// consumers, per partition) and of the cluster.
     fn queue_stats(&mut self) -> String {
         let mut out = String::new();
+        for n in &self.nodes {
+            if let Some(node) = &n.node {
+                for h in node.holders() {
+                    out.push_str(&format!("node {}: {h}\n", n.id));
+                }
+            }
+        }
+        for c in &self.consumers {
+            let conn = c.conn.as_ref().map(|k| {
+                format!(
+                    "node {} conn {} consumer {:?}",
+                    k.node + 1,
+                    k.tx.id,
+                    k.consumer
+                )
+            });
+            out.push_str(&format!(
+                "client consumer {}: {conn:?}, holds {}\n",
+                c.id,
+                c.held.len()
+            ));
+        }
         for i in 0..self.nodes.len() {
             for req in [
                 AdminRequest::QueueStats { name: QUEUE.into() },

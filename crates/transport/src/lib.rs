@@ -144,6 +144,8 @@ struct Outbound {
     queue: Mutex<Queue>,
     wake: Notify,
     connected: AtomicBool,
+    /// Connections made to the peer so far (see [`Transport::link_epoch`]).
+    links: AtomicU64,
     sent_msgs: AtomicU64,
     /// Set when the peer is removed: its writer ends.
     removed: AtomicBool,
@@ -162,6 +164,8 @@ struct Inner {
     peers: Mutex<HashMap<NodeId, Arc<Outbound>>>,
     /// Per node id: when it was last heard from, and messages received.
     heard: Mutex<HashMap<NodeId, (Instant, u64)>>,
+    /// Per node id: connections accepted from it so far.
+    inbound_links: Mutex<HashMap<NodeId, u64>>,
     closed: AtomicBool,
     shutdown: Notify,
     deliver: Box<dyn Fn(Inbound) + Send + Sync>,
@@ -210,6 +214,7 @@ impl Transport {
             rt: rt.clone(),
             peers: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
+            inbound_links: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             shutdown: Notify::new(),
             deliver: Box::new(deliver),
@@ -290,6 +295,7 @@ impl Transport {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
+            links: AtomicU64::new(0),
             sent_msgs: AtomicU64::new(0),
             removed: AtomicBool::new(false),
         });
@@ -329,6 +335,21 @@ impl Transport {
         out
     }
 
+    /// How many connections to and from `id` were made so far. A link that breaks
+    /// loses what was in flight on it (written to the socket, not yet read by the
+    /// peer), and every new connection raises this number: a caller that sees it
+    /// change treats what it sent to `id` without an answer as possibly lost.
+    pub fn link_epoch(&self, id: NodeId) -> u64 {
+        let outbound = lock(&self.inner.peers)
+            .get(&id)
+            .map_or(0, |o| o.links.load(Ordering::Relaxed));
+        let inbound = lock(&self.inner.inbound_links)
+            .get(&id)
+            .copied()
+            .unwrap_or(0);
+        outbound + inbound
+    }
+
     /// Whether `id` was heard from within `dead_after_ms`.
     pub fn is_alive(&self, id: NodeId) -> bool {
         let bound = Duration::from_millis(self.inner.cfg.dead_after_ms);
@@ -364,6 +385,7 @@ async fn writer_loop(inner: Arc<Inner>, id: NodeId, out: Arc<Outbound>) {
             Ok(stream) => {
                 backoff_ms = RECONNECT_BACKOFF_MIN_MS;
                 out.connected.store(true, Ordering::Relaxed);
+                out.links.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = write_link(&inner, &out, stream).await {
                     tracing::debug!(peer = id, %addr, "peer link lost: {e}");
                 }
@@ -526,6 +548,7 @@ fn check_handshake(inner: &Inner, kind: u8, body: &[u8]) -> Result<NodeId, LinkE
     let mut node = [0u8; 8];
     node.copy_from_slice(&body[18..26]);
     let from = u64::from_be_bytes(node);
+    *lock(&inner.inbound_links).entry(from).or_insert(0) += 1;
     // Counts as heard: a fresh link is a live peer.
     lock(&inner.heard)
         .entry(from)
@@ -570,6 +593,7 @@ mod tests {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
+            links: AtomicU64::new(0),
             sent_msgs: AtomicU64::new(0),
             removed: AtomicBool::new(false),
         };
@@ -594,5 +618,47 @@ mod tests {
         );
         assert!(buf.len() <= 100);
         t.shutdown();
+    }
+
+    /// Two real transports on 127.0.0.1: the epoch counts both directions' links, and
+    /// a peer that restarts (its links broke) is seen with a higher epoch.
+    #[test]
+    fn a_broken_link_raises_the_link_epoch() {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let a = Transport::start(
+            TransportConfig::new(1, 7, any, HashMap::new()),
+            rt.handle(),
+            |_| {},
+        )
+        .expect("a");
+        let start_b = |listen| {
+            Transport::start(
+                TransportConfig::new(2, 7, listen, HashMap::new()),
+                rt.handle(),
+                |_| {},
+            )
+            .expect("b")
+        };
+        let b = start_b(any);
+        let b_addr = b.local_addr();
+        a.set_peer(2, b_addr);
+        b.set_peer(1, a.local_addr());
+        let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cond() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_for("both links up", &|| a.link_epoch(2) == 2);
+        b.shutdown();
+        drop(b);
+        std::thread::sleep(Duration::from_millis(100));
+        let b = start_b(b_addr);
+        b.set_peer(1, a.local_addr());
+        wait_for("links made again", &|| a.link_epoch(2) >= 4);
+        a.shutdown();
+        b.shutdown();
     }
 }

@@ -91,6 +91,8 @@ pub(super) struct ClusterState {
     /// The latest incarnation seen per peer: a new one means the peer restarted, and
     /// the consumers its previous process attached here are gone.
     pub peer_incarnations: Map<NodeId, u64>,
+    /// Per peer: the link epoch last seen (`drop_dead_peers_consumers`).
+    pub link_epochs: Map<NodeId, u64>,
     /// This process's incarnation (its start time in ms).
     pub incarnation: u64,
     /// Client connections of this node, to deliver frames coming back from leaders.
@@ -342,8 +344,9 @@ impl Node {
             }
             other => other,
         };
-        if let Some(c) = self.cluster.local_conns.get(&conn) {
-            c.send(frame);
+        match self.cluster.local_conns.get(&conn) {
+            Some(c) => c.send(frame),
+            None => tracing::debug!(conn, "frame for a connection gone from here dropped"),
         }
     }
 
@@ -777,14 +780,35 @@ impl Node {
         }
     }
 
-    /// Consumers of a peer that stopped answering give their messages back.
+    /// Consumers of a peer that stopped answering give their messages back; so do
+    /// those of a peer whose link broke since the last look: PUSHes to them, or their
+    /// CONFIRMs, may have been lost with it, and nothing resends those. Their home
+    /// attaches them again within a second (`home_consumers`); what they held is
+    /// redelivered (at-least-once). Found by the whole-cluster simulator: without
+    /// this, a PUSH lost on a link reset stayed in flight until the consumer left.
     pub(super) fn drop_dead_peers_consumers(&mut self) {
         let Some(t) = &self.transport else { return };
+        let mut broken: Set<NodeId> = Set::default();
+        // Every peer's epoch is tracked, not only current homes': a consumer may attach
+        // just before a break that this look is the first to see.
+        for node in t.peer_ids() {
+            let epoch = t.link_epoch(node);
+            let seen = self.cluster.link_epochs.insert(node, epoch);
+            // 0 → n is the first connection, not a break.
+            if seen.is_some_and(|e| e != 0 && e != epoch) {
+                tracing::debug!(
+                    peer = node,
+                    epoch,
+                    "link to a consumers' home broke: their messages return"
+                );
+                broken.insert(node);
+            }
+        }
         let dead: Vec<(ConsumerId, Vec<u64>)> = self
             .cluster
             .remote_consumers
             .iter()
-            .filter(|(_, (node, _, _))| !t.is_alive(*node))
+            .filter(|(_, (node, _, _))| !t.is_alive(*node) || broken.contains(node))
             .map(|(c, (_, _, groups))| (*c, groups.iter().copied().collect()))
             .collect();
         for (c, groups) in dead {

@@ -3,7 +3,8 @@
 //!
 //! Contract: `send` never blocks and never fails loudly (a dropped message is
 //! retried by Raft or by the coordinator's resends); `is_alive` says whether the peer
-//! was heard from recently, as the transport's liveness does.
+//! was heard from recently, as the transport's liveness does; `link_epoch` changes
+//! when a link to or from the peer broke (in-flight messages may be lost).
 
 use bytes::Bytes;
 use tern_transport::SendError;
@@ -29,6 +30,16 @@ impl Link {
             Link::Tcp(t) => t.is_alive(id),
             #[cfg(feature = "sim")]
             Link::Sim(s) => s.is_alive(id),
+        }
+    }
+
+    /// Connections made to and from `id` so far: a change means a link broke and
+    /// what was in flight on it may be lost (see `Transport::link_epoch`).
+    pub fn link_epoch(&self, id: u64) -> u64 {
+        match self {
+            Link::Tcp(t) => t.link_epoch(id),
+            #[cfg(feature = "sim")]
+            Link::Sim(s) => s.link_epoch(id),
         }
     }
 

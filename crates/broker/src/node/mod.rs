@@ -617,6 +617,26 @@ impl Node {
         out
     }
 
+    /// Each led partition's consumers, what they hold and where they live
+    /// (failure reports).
+    #[cfg(feature = "sim")]
+    pub(crate) fn holders(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (gid, p) in &self.partitions {
+            if !p.group.is_leader() {
+                continue;
+            }
+            for (c, held) in p.holders() {
+                let home = self.cluster.remote_consumers.get(&c).map(|(n, _, _)| *n);
+                let conn = self.consumers.get(&c).map(|k| format!("{:?}", k.conn));
+                out.push(format!(
+                    "group {gid}: consumer {c} holds {held} (home {home:?}, conn {conn:?})"
+                ));
+            }
+        }
+        out
+    }
+
     /// Handles one command. Returns the reply channel of a Stop request.
     pub(crate) fn handle(&mut self, cmd: NodeCmd) -> Option<oneshot::Sender<()>> {
         match cmd {
@@ -814,10 +834,18 @@ impl Node {
         });
         let consumer_id =
             consumer.map(|limits| self.add_consumer(conn, handle_id, &def, &subscription, limits));
-        let _ = reply.send(Ok(Opened {
+        let sent = reply.send(Ok(Opened {
             partitions: def.partitions,
             consumer: consumer_id,
         }));
+        if sent.is_err() {
+            // Nobody waits for this open any more (the connection closed, or gave up
+            // on a slow open): its ConnClosed did not know this consumer, so it would
+            // hold messages forever. Found by the whole-cluster simulator.
+            if let Some(c) = consumer_id {
+                self.remove_consumer(c);
+            }
+        }
     }
 
     fn add_consumer(

@@ -707,6 +707,21 @@ impl Partition {
         out
     }
 
+    /// Consumers attached here and how many messages each holds (failure reports).
+    #[cfg(feature = "sim")]
+    pub fn holders(&self) -> Vec<(ConsumerId, usize)> {
+        let mut out: Vec<(ConsumerId, usize)> = self
+            .consumers
+            .keys()
+            .map(|c| {
+                let held = self.dispatchers.values().map(|d| d.held_by(*c)).sum();
+                (*c, held)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// PUTs parked here while this replica is not the leader, per origin connection, to
     /// be forwarded to the leader elsewhere (with the time each was received).
     pub fn take_parked(&mut self) -> Vec<(ConnTx, Vec<tern_queue::PutMessage>, Instant, u64)> {
