@@ -167,36 +167,11 @@ fn assert_on_faked_clock(node: &Server) {
 
 /// A three-node cluster like `Cluster::start`, each node on its own clock.
 fn start_cluster(dir: &Path, lib: &Path, shm: &mut ShmLeftovers) -> (Cluster, Vec<NodeClock>) {
-    let ports: Vec<(u16, u16, u16)> = (0..3)
-        .map(|_| (free_port(), free_port(), free_port()))
-        .collect();
-    let members: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, _, peer))| format!("{}=127.0.0.1:{peer}", i + 1))
-        .collect();
-    let members = members.join(",");
-    let mut nodes = Vec::new();
+    let mut nodes = Cluster::configure(dir, 3, &[]);
     let mut clocks = Vec::new();
-    for (i, (port, http_port, peer_port)) in ports.into_iter().enumerate() {
-        let node_dir = dir.join(format!("node{}", i + 1));
-        std::fs::create_dir_all(&node_dir).expect("node dir");
+    for (i, node) in nodes.iter_mut().enumerate() {
         let clock = NodeClock::new(lib, dir.join(format!("clock{}", i + 1)));
-        let mut node = Server {
-            child: None,
-            dir: node_dir,
-            port,
-            http_port,
-            peer_port,
-            extra: vec![
-                "--node-id".into(),
-                (i + 1).to_string(),
-                "--initial-cluster".into(),
-                members.clone(),
-            ],
-        };
-        spawn_on(&mut node, &clock, shm);
-        nodes.push(node);
+        spawn_on(node, &clock, shm);
         clocks.push(clock);
     }
     for n in &nodes {
@@ -216,19 +191,6 @@ fn create(server: &str, args: &[&str]) {
         "queue create: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The Raft group of partition 0 of `queue`, as the cluster status shows it.
-fn group_of(c: &Cluster, queue: &str) -> u64 {
-    let (_, body) = http_get(c.nodes[0].http_port, "/v1/cluster").expect("cluster status");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    v["partitions"]
-        .as_array()
-        .expect("partitions")
-        .iter()
-        .find(|p| p["queue"] == queue && p["partition"] == 0)
-        .and_then(|p| p["group"].as_u64())
-        .expect("group of the queue")
 }
 
 /// The leader of group `gid` once the running nodes agree on one (bounded).
@@ -394,29 +356,6 @@ impl Drop for Probe {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn drain(server: &str, queue: &str, h: &mut History) {
-    let out = run(
-        server,
-        &[
-            "consume",
-            "--queue",
-            queue,
-            "--idle-timeout",
-            "3s",
-            "--max-unconfirmed",
-            "5000",
-            "--json",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    h.add_consume_output(&out.stdout);
 }
 
 /// A three-node cluster under PUT load whose nodes' wall clocks are stepped an hour

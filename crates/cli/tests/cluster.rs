@@ -34,29 +34,6 @@ fn producer(servers: &str, queue: &str, count: u32) -> std::thread::JoinHandle<O
     std::thread::spawn(move || child.wait_with_output().expect("producer output"))
 }
 
-fn drain(server: &str, queue: &str, h: &mut History) {
-    let out = run(
-        server,
-        &[
-            "consume",
-            "--queue",
-            queue,
-            "--idle-timeout",
-            "3s",
-            "--max-unconfirmed",
-            "5000",
-            "--json",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    h.add_consume_output(&out.stdout);
-}
-
 fn create(server: &str, queue: &str, partitions: &str) {
     let out = run(
         server,
@@ -75,19 +52,6 @@ fn create(server: &str, queue: &str, partitions: &str) {
         "create: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The Raft group of partition 0 of `queue`, as the cluster status shows it.
-fn group_of(c: &Cluster, queue: &str) -> u64 {
-    let (_, body) = http_get(c.nodes[0].http_port, "/v1/cluster").expect("cluster status");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    v["partitions"]
-        .as_array()
-        .expect("partitions")
-        .iter()
-        .find(|p| p["queue"] == queue && p["partition"] == 0)
-        .and_then(|p| p["group"].as_u64())
-        .expect("group of the queue")
 }
 
 /// Waits (bounded) until node `from` knows a leader of group `gid`.

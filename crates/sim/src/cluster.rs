@@ -161,6 +161,22 @@ struct PendingPut {
     retry_at: u64,
 }
 
+impl PendingPut {
+    /// The history's record of this PUT, answered (or given up) at `done_ms`.
+    fn event(self, guid: &[u8; 16], producer: u32, done_ms: u64, outcome: Outcome) -> Event {
+        Event::Put {
+            guid: hex(guid),
+            producer,
+            seq: self.seq,
+            key: self.key,
+            digest: digest(&self.payload),
+            sent_ms: self.sent_ms,
+            done_ms,
+            outcome,
+        }
+    }
+}
+
 struct Producer {
     id: u32,
     next_node: usize,
@@ -825,16 +841,8 @@ impl ClusterSim {
                     self.acked_ok.insert(ack.guid);
                 }
                 let producer = prod.id;
-                self.history.record(Event::Put {
-                    guid: hex(&ack.guid),
-                    producer,
-                    seq: put.seq,
-                    key: put.key,
-                    digest: digest(&put.payload),
-                    sent_ms: put.sent_ms,
-                    done_ms: now_ms,
-                    outcome,
-                });
+                self.history
+                    .record(put.event(&ack.guid, producer, now_ms, outcome));
             }
         }
     }
@@ -1072,16 +1080,8 @@ impl ClusterSim {
         for p in 0..self.producers.len() {
             let id = self.producers[p].id;
             for (guid, put) in std::mem::take(&mut self.producers[p].pending) {
-                self.history.record(Event::Put {
-                    guid: hex(&guid),
-                    producer: id,
-                    seq: put.seq,
-                    key: put.key,
-                    digest: digest(&put.payload),
-                    sent_ms: put.sent_ms,
-                    done_ms: now_ms,
-                    outcome: Outcome::Unknown,
-                });
+                self.history
+                    .record(put.event(&guid, id, now_ms, Outcome::Unknown));
             }
         }
         self.report.steps = self.step;

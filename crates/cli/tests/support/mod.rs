@@ -38,7 +38,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Cluster {
+    /// The servers of an `n`-node cluster on free ports, configured but not started.
+    pub fn configure(dir: &Path, n: usize, extra: &[&str]) -> Vec<Server> {
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| (free_port(), free_port(), free_port()))
             .collect();
@@ -48,7 +49,7 @@ impl Cluster {
             .map(|(i, (_, _, peer))| format!("{}=127.0.0.1:{peer}", i + 1))
             .collect();
         let members = members.join(",");
-        let mut nodes: Vec<Server> = ports
+        ports
             .iter()
             .enumerate()
             .map(|(i, (port, http, peer))| {
@@ -70,7 +71,11 @@ impl Cluster {
                     extra,
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Cluster {
+        let mut nodes = Cluster::configure(dir, n, extra);
         // Start all before waiting: a node is ready only once a leader is elected.
         for n in &mut nodes {
             n.spawn_no_wait();
@@ -336,4 +341,41 @@ impl History {
             recovered,
         }
     }
+}
+
+/// Consumes what is left of `queue` (idle 3 s ends it) into the history.
+pub fn drain(server: &str, queue: &str, h: &mut History) {
+    let out = run(
+        server,
+        &[
+            "consume",
+            "--queue",
+            queue,
+            "--idle-timeout",
+            "3s",
+            "--max-unconfirmed",
+            "5000",
+            "--json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    h.add_consume_output(&out.stdout);
+}
+
+/// The Raft group of partition 0 of `queue`, as the cluster status shows it.
+pub fn group_of(c: &Cluster, queue: &str) -> u64 {
+    let (_, body) = http_get(c.nodes[0].http_port, "/v1/cluster").expect("cluster status");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .find(|p| p["queue"] == queue && p["partition"] == 0)
+        .and_then(|p| p["group"].as_u64())
+        .expect("group of the queue")
 }
