@@ -185,12 +185,7 @@ fn create(server: &str, args: &[&str]) {
     let mut all = vec!["queue", "create"];
     all.extend_from_slice(args);
     all.push("--json");
-    let out = run(server, &all, None);
-    assert!(
-        out.status.success(),
-        "queue create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(server, &all, "queue create");
 }
 
 /// The leader of group `gid` once the running nodes agree on one (bounded).

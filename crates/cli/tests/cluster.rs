@@ -35,23 +35,15 @@ fn producer(servers: &str, queue: &str, count: u32) -> std::thread::JoinHandle<O
 }
 
 fn create(server: &str, queue: &str, partitions: &str) {
-    let out = run(
-        server,
-        &[
-            "queue",
-            "create",
-            queue,
-            "--partitions",
-            partitions,
-            "--json",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = [
+        "queue",
+        "create",
+        queue,
+        "--partitions",
+        partitions,
+        "--json",
+    ];
+    run_ok(server, &args, "create");
 }
 
 /// Waits (bounded) until node `from` knows a leader of group `gid`.

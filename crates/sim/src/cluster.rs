@@ -673,6 +673,21 @@ impl ClusterSim {
         self.nodes[c.node].node.is_some() && self.nodes[c.node].generation == c.generation
     }
 
+    /// The client closes a connection whose node still runs (the node learns it as
+    /// from a closed socket); dropping `c` also drops a pending Open's reply channel.
+    fn close(&mut self, c: &Conn) {
+        if self.alive(c) {
+            let consumers = c.consumer.into_iter().collect();
+            self.node_cmd(
+                c.node,
+                NodeCmd::ConnClosed {
+                    conn: c.tx.id,
+                    consumers,
+                },
+            );
+        }
+    }
+
     /// Polls a connection's Open. Some(false): the client must connect elsewhere.
     fn poll_open(&self, c: &mut Conn) -> Option<bool> {
         let rx = c.open.as_mut()?;
@@ -711,15 +726,7 @@ impl ClusterSim {
             let Some(mut c) = conn else { continue };
             match self.poll_open(&mut c) {
                 Some(false) => {
-                    if self.alive(&c) {
-                        self.node_cmd(
-                            c.node,
-                            NodeCmd::ConnClosed {
-                                conn: c.tx.id,
-                                consumers: Vec::new(),
-                            },
-                        );
-                    }
+                    self.close(&c);
                     for put in self.producers[p].pending.values_mut() {
                         put.in_flight = false;
                     }
@@ -864,14 +871,7 @@ impl ClusterSim {
             {
                 // The consumer closes its connection holding messages: they return.
                 if let Some(c) = conn.take() {
-                    let consumers = c.consumer.into_iter().collect();
-                    self.node_cmd(
-                        c.node,
-                        NodeCmd::ConnClosed {
-                            conn: c.tx.id,
-                            consumers,
-                        },
-                    );
+                    self.close(&c);
                 }
                 self.consumers[k].held.clear();
                 continue;
@@ -884,16 +884,7 @@ impl ClusterSim {
                 Some(false) => {
                     // Giving up on this node: the connection closes (dropping `c`
                     // drops the Open's reply channel too).
-                    if self.alive(&c) {
-                        let consumers = c.consumer.into_iter().collect();
-                        self.node_cmd(
-                            c.node,
-                            NodeCmd::ConnClosed {
-                                conn: c.tx.id,
-                                consumers,
-                            },
-                        );
-                    }
+                    self.close(&c);
                     self.consumers[k].next_node += 1;
                     continue;
                 }

@@ -312,6 +312,13 @@ impl Transport {
         }
     }
 
+    /// The ids of the peers this node has links to, sorted (cheaper than [`Self::peers`]).
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = lock(&self.inner.peers).keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         let heard = lock(&self.inner.heard).clone();
         let mut out: Vec<PeerStatus> = lock(&self.inner.peers)

@@ -46,7 +46,7 @@ impl Link {
     /// The peers this node has links to (not itself).
     pub fn peer_ids(&self) -> Vec<u64> {
         match self {
-            Link::Tcp(t) => t.peers().into_iter().map(|p| p.id).collect(),
+            Link::Tcp(t) => t.peer_ids(),
             #[cfg(feature = "sim")]
             Link::Sim(s) => s.peer_ids(),
         }

@@ -344,8 +344,19 @@ impl History {
 }
 
 /// Consumes what is left of `queue` (idle 3 s ends it) into the history.
+/// Runs a `tern` client command that must succeed; `what` names it in the failure.
+pub fn run_ok(server: &str, args: &[&str], what: &str) -> Output {
+    let out = run(server, args, None);
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn drain(server: &str, queue: &str, h: &mut History) {
-    let out = run(
+    let out = run_ok(
         server,
         &[
             "consume",
@@ -357,12 +368,7 @@ pub fn drain(server: &str, queue: &str, h: &mut History) {
             "5000",
             "--json",
         ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "drain",
     );
     h.add_consume_output(&out.stdout);
 }
